@@ -1,0 +1,219 @@
+"""Component I/O declared once, as data: names, dtypes, named axes, shapes, ranges, tolerances.
+
+Export axes, TensorRT profiles, buffer allocation and input checks all derive from these specs.
+Pure Python + numpy: the lean runtime imports this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+
+# Tensor names, used everywhere instead of string literals.
+INPUT_IDS = "input_ids"
+LAST_HIDDEN_STATE = "last_hidden_state"
+SAMPLE = "sample"
+TIMESTEP = "timestep"
+ENCODER_HIDDEN_STATES = "encoder_hidden_states"
+NOISE_PRED = "noise_pred"
+LATENTS = "latents"
+IMAGES = "images"
+
+# Named dynamic axes.
+BATCH = "batch"
+SEQUENCE = "sequence"
+LATENT_HEIGHT = "latent_height"
+LATENT_WIDTH = "latent_width"
+HEIGHT = "height"
+WIDTH = "width"
+
+TEXT_ENCODER = "text_encoder"
+UNET = "unet"
+VAE_DECODER = "vae_decoder"
+COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: name, numpy dtype name, axes (named dynamic or fixed ints)."""
+
+    name: str
+    dtype: str
+    axes: tuple[str | int, ...]
+
+    def shape(self, dims: Mapping[str, int]) -> tuple[int, ...]:
+        """Concrete shape for the given values of the named axes."""
+        missing = [a for a in self.axes if isinstance(a, str) and a not in dims]
+        if missing:
+            raise KeyError(f"{self.name}: no value for axes {missing}")
+        return tuple(int(dims[a]) if isinstance(a, str) else a for a in self.axes)
+
+    def dynamic_axes(self) -> dict[int, str]:
+        """Axis index -> axis name, for the dynamic axes only."""
+        return {i: a for i, a in enumerate(self.axes) if isinstance(a, str)}
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Parity tolerance: max |ours - ref| / max |ref| (float outputs) or / 255 (uint8 images)."""
+
+    fp32: float
+    fp16: float
+
+
+@dataclass(frozen=True)
+class AxisRange:
+    """Inclusive range of a named axis and the multiple its values must be."""
+
+    min: int
+    max: int
+    multiple: int = 1
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.min <= self.max) or self.multiple < 1:
+            raise ValueError(f"invalid axis range {self}")
+
+    def check(self, axis: str, value: int) -> None:
+        """Raise ValueError if value is outside the range or not a multiple."""
+        if not (self.min <= value <= self.max) or value % self.multiple:
+            extra = f", a multiple of {self.multiple}" if self.multiple > 1 else ""
+            raise ValueError(f"{axis}={value} is outside the built range [{self.min}, {self.max}]{extra}")
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """The I/O contract of one exported component."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    tolerance: Tolerance
+    # Maps the engine-wide axes (batch = images, height/width in pixels) to this component's.
+    batch_factor: int = 1
+    extra_dims: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def tensors(self) -> tuple[TensorSpec, ...]:
+        return self.inputs + self.outputs
+
+    def tensor(self, name: str) -> TensorSpec:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise KeyError(f"{self.name} has no tensor {name!r}; it has {[t.name for t in self.tensors]}")
+
+    def axis_names(self) -> tuple[str, ...]:
+        names: list[str] = []
+        for t in self.tensors:
+            names += [a for a in t.axes if isinstance(a, str) and a not in names]
+        return tuple(names)
+
+    def check_feeds(self, feeds: Mapping[str, np.ndarray], ranges: Mapping[str, AxisRange]) -> dict[str, int]:
+        """Check names, dtypes, fixed dims, axis consistency and ranges; return the axis values."""
+        expected = {t.name for t in self.inputs}
+        if set(feeds) != expected:
+            raise ValueError(f"{self.name}: inputs {sorted(feeds)} given, expected {sorted(expected)}")
+        dims: dict[str, int] = {}
+        for t in self.inputs:
+            arr = feeds[t.name]
+            if arr.dtype != np.dtype(t.dtype) or arr.ndim != len(t.axes):
+                raise ValueError(
+                    f"{self.name}.{t.name}: got {arr.dtype}{list(arr.shape)}, expected {t.dtype} with axes {list(t.axes)}"
+                )
+            for axis, size in zip(t.axes, arr.shape):
+                if isinstance(axis, int):
+                    if size != axis:
+                        raise ValueError(f"{self.name}.{t.name}: dimension is {size}, expected {axis}")
+                elif dims.setdefault(axis, size) != size:
+                    raise ValueError(f"{self.name}: axis {axis} is {dims[axis]} in one input and {size} in {t.name}")
+        for axis, value in dims.items():
+            if axis in ranges:
+                ranges[axis].check(f"{self.name}.{axis}", value)
+        return dims
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The few numbers of a checkpoint that the specs need."""
+
+    latent_channels: int
+    vae_scale_factor: int
+    unet_downsample: int  # the UNet's total down factor: latent sizes must be multiples of it
+    text_hidden_size: int
+    max_text_length: int
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sizes must be multiples of this (VAE factor times UNet down factor)."""
+        return self.vae_scale_factor * self.unet_downsample
+
+
+def component_specs(m: ModelDims) -> dict[str, ComponentSpec]:
+    """The text encoder, UNet and VAE decoder specs of an SD1.x-style model."""
+    text_encoder = ComponentSpec(
+        name=TEXT_ENCODER,
+        inputs=(TensorSpec(INPUT_IDS, "int32", (BATCH, SEQUENCE)),),
+        outputs=(TensorSpec(LAST_HIDDEN_STATE, "float32", (BATCH, SEQUENCE, m.text_hidden_size)),),
+        tolerance=Tolerance(fp32=1e-3, fp16=5e-2),
+        batch_factor=2,  # unconditional and conditional prompts in one run
+    )
+    latent = (BATCH, m.latent_channels, LATENT_HEIGHT, LATENT_WIDTH)
+    unet = ComponentSpec(
+        name=UNET,
+        inputs=(
+            TensorSpec(SAMPLE, "float32", latent),
+            TensorSpec(TIMESTEP, "float32", (1,)),
+            TensorSpec(ENCODER_HIDDEN_STATES, "float32", (BATCH, SEQUENCE, m.text_hidden_size)),
+        ),
+        outputs=(TensorSpec(NOISE_PRED, "float32", latent),),
+        tolerance=Tolerance(fp32=1e-3, fp16=5e-2),
+        batch_factor=2,  # the doubled classifier-free-guidance batch
+    )
+    vae_decoder = ComponentSpec(
+        name=VAE_DECODER,
+        inputs=(TensorSpec(LATENTS, "float32", latent),),
+        outputs=(TensorSpec(IMAGES, "uint8", (BATCH, HEIGHT, WIDTH, 3)),),
+        # In 0..255 levels / 255: fp32 allows rounding flips, fp16 a few levels.
+        tolerance=Tolerance(fp32=2 / 255, fp16=12 / 255),
+    )
+    return {s.name: s for s in (text_encoder, unet, vae_decoder)}
+
+
+@dataclass(frozen=True)
+class BuildRanges:
+    """What an engine is built for: image sizes in pixels and images per batch."""
+
+    min_size: int = 256
+    max_size: int = 1024
+    max_batch: int = 4
+
+    def __post_init__(self) -> None:
+        validate_build_ranges(self.min_size, self.max_size, self.max_batch)
+
+    def axis_ranges(self, spec: ComponentSpec, m: ModelDims) -> dict[str, AxisRange]:
+        """The range of every named axis of one component."""
+        f = m.vae_scale_factor
+        lat = AxisRange(self.min_size // f, self.max_size // f, m.unet_downsample)
+        pix = AxisRange(self.min_size, self.max_size, m.size_multiple)
+        table = {
+            BATCH: AxisRange(1, self.max_batch * spec.batch_factor),
+            SEQUENCE: AxisRange(1, m.max_text_length),
+            LATENT_HEIGHT: lat,
+            LATENT_WIDTH: lat,
+            HEIGHT: pix,
+            WIDTH: pix,
+        }
+        return {a: table[a] for a in spec.axis_names()}
+
+
+def validate_build_ranges(min_size: int, max_size: int, max_batch: int, multiple: int = 8) -> None:
+    """Raise ValueError naming the bad value if sizes or batch are not buildable."""
+    for label, v in (("min-size", min_size), ("max-size", max_size)):
+        if v < multiple or v % multiple:
+            raise ValueError(f"{label} {v} must be a positive multiple of {multiple}")
+    if min_size > max_size:
+        raise ValueError(f"min-size {min_size} is larger than max-size {max_size}")
+    if max_batch < 1:
+        raise ValueError(f"max-batch {max_batch} must be at least 1")

@@ -1,0 +1,89 @@
+"""`engine-export MODEL --out DIR`: export a checkpoint into an engine directory."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from tqdm import tqdm
+
+from diffusion_engine.engine.specs import BuildRanges, validate_build_ranges
+
+STAGES = ("load checkpoint", "tokenizer", "text_encoder", "unet", "vae_decoder")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="engine-export", description=__doc__.split(":")[1].strip())
+    p.add_argument("model", help="diffusers folder, hub id (org/name), or single-file .safetensors/.ckpt")
+    p.add_argument("--out", required=True, help="engine directory to create")
+    p.add_argument("--config", help="for a single-file checkpoint offline: a local diffusers folder giving the architecture")
+    p.add_argument("--min-size", type=int, default=256, help="smallest image side in pixels (default 256)")
+    p.add_argument("--max-size", type=int, default=1024, help="largest image side in pixels (default 1024)")
+    p.add_argument("--max-batch", type=int, default=4, help="most images per call (default 4)")
+    p.add_argument("--no-fp16", action="store_true", help="skip the fp16 graphs (CPU-only engines)")
+    p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def _quiet_libraries() -> None:
+    """Library progress bars and chatter would drown the stage bar."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    for name in ("torch.onnx", "onnx_ir", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def format_table(reports) -> str:
+    """The closing table: component, parameters, ONNX size, fp32 and fp16 error, time."""
+    rows = [("component", "parameters", "onnx fp32", "fp32 error", "fp16 error", "time")]
+    for r in reports:
+        fp16 = "-" if r.fp16_error is None else f"{r.fp16_error:.2e}"
+        rows.append((r.name, f"{r.parameters:,}", f"{r.onnx_bytes / 2**20:.1f} MiB", f"{r.fp32_error:.2e}", fp16, f"{r.seconds:.1f} s"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("diffusion_engine").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    try:  # bad sizes fail here, before anything is loaded
+        validate_build_ranges(args.min_size, args.max_size, args.max_batch)
+    except ValueError as exc:
+        print(f"engine-export: error: {exc}", file=sys.stderr)
+        return 2
+    from diffusion_engine.export.exporter import ExportOptions, export_engine
+
+    _quiet_libraries()
+    options = ExportOptions(BuildRanges(args.min_size, args.max_size, args.max_batch), fp16=not args.no_fp16, overwrite=args.overwrite)
+    start = time.perf_counter()
+    with tqdm(total=len(STAGES), unit="stage", file=sys.stderr) as bar:
+        def progress(stage: str) -> None:
+            if bar.n or stage != STAGES[0]:
+                bar.update(1)
+            bar.set_description(stage)
+
+        try:
+            manifest, reports = export_engine(args.model, args.out, options, config=args.config, progress=progress)
+        except (ValueError, FileExistsError, RuntimeError) as exc:
+            bar.close()
+            print(f"engine-export: error: {exc}", file=sys.stderr)
+            return 1
+        bar.update(1)
+    print(format_table(reports))
+    print(f"wrote {args.out} ({manifest.family}, {manifest.prediction_type}) in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

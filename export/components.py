@@ -1,0 +1,173 @@
+"""PyTorch wrappers of the text encoder, UNet and VAE decoder, and their spec-driven ONNX export."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import onnx
+import torch
+
+from diffusion_engine.engine.specs import (
+    TEXT_ENCODER,
+    UNET,
+    VAE_DECODER,
+    AxisRange,
+    ComponentSpec,
+)
+
+logger = logging.getLogger(__name__)
+
+OPSET = 20  # what the dynamo exporter emits by default; the TensorRT 10 ONNX parser reads it
+EXTERNAL_DATA_BYTES = 1 << 30  # above this many weight bytes a graph's weights go to a .data file
+
+
+class TextEncoder(torch.nn.Module):
+    """CLIP text encoder: int32 token ids -> last hidden state."""
+
+    def __init__(self, text_encoder: torch.nn.Module):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids.long(), return_dict=False)[0]
+
+
+class UNet(torch.nn.Module):
+    """Conditional UNet: (sample, timestep[1], encoder_hidden_states) -> noise prediction."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class VaeDecoder(torch.nn.Module):
+    """VAE decoder with the pipeline's pre/post-processing: latents -> uint8 NHWC pixels."""
+
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+        self.inv_scale = 1.0 / vae.config.scaling_factor
+        self.shift = getattr(vae.config, "shift_factor", None) or 0.0
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        x = self.vae.decode(latents * self.inv_scale + self.shift, return_dict=False)[0]
+        x = ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        return x.permute(0, 2, 3, 1)
+
+
+def wrap(name: str, pipe: Any) -> torch.nn.Module:
+    """The export wrapper of one component of a diffusers pipeline, in eval mode, fp32."""
+    modules = {
+        TEXT_ENCODER: lambda: TextEncoder(pipe.text_encoder),
+        UNET: lambda: UNet(pipe.unet),
+        VAE_DECODER: lambda: VaeDecoder(pipe.vae),
+    }
+    return modules[name]().eval().float()
+
+
+def example_feeds(spec: ComponentSpec, dims: Mapping[str, int], seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs of the spec's shapes: token ids in the vocabulary, timesteps in [0, 1000)."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for t in spec.inputs:
+        shape = t.shape(dims)
+        if t.dtype == "int32":
+            feeds[t.name] = rng.integers(0, dims.get("vocab_size", 256), size=shape, dtype=np.int32)
+        elif t.name == "timestep":
+            feeds[t.name] = rng.uniform(0, 1000, size=shape).astype(np.float32)
+        else:
+            feeds[t.name] = rng.standard_normal(shape, dtype=np.float32)
+    return feeds
+
+
+def export_dims(ranges: Mapping[str, AxisRange], batch: int = 2) -> dict[str, int]:
+    """Trace-time axis values: batch >= 2 and pairwise distinct so no axis is specialised."""
+    dims: dict[str, int] = {}
+    used = {batch}
+    for axis, r in ranges.items():
+        if axis == "batch":
+            dims[axis] = batch
+            continue
+        value = r.max if axis == "sequence" else r.min
+        while value in used and value + r.multiple <= r.max:
+            value += r.multiple
+        dims[axis] = value
+        used.add(value)
+    return dims
+
+
+def _dynamic_shapes(spec: ComponentSpec, ranges: Mapping[str, AxisRange]) -> dict[str, dict[int, Any]]:
+    dim_objs: dict[str, Any] = {}
+    for axis, r in ranges.items():
+        if r.multiple > 1:
+            base = torch.export.Dim(f"{axis}_div", min=math.ceil(r.min / r.multiple), max=r.max // r.multiple)
+            dim_objs[axis] = r.multiple * base
+        else:
+            dim_objs[axis] = torch.export.Dim(axis, min=r.min, max=r.max)
+    return {t.name: {i: dim_objs[a] for i, a in t.dynamic_axes().items()} for t in spec.inputs}
+
+
+def export_component(
+    module: torch.nn.Module, spec: ComponentSpec, ranges: Mapping[str, AxisRange], path: Path, vocab_size: int = 256
+) -> onnx.ModelProto:
+    """Trace one component with torch.onnx (dynamo exporter) and save it with spec axis names."""
+    dims = {**export_dims(ranges), "vocab_size": vocab_size}
+    feeds = example_feeds(spec, dims)
+    args = tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)
+    log = io.StringIO()  # the exporter prints its progress to stdout; keep it for debugging only
+    with torch.no_grad(), contextlib.redirect_stdout(log):
+        program = torch.onnx.export(
+            module, args, dynamo=True, opset_version=OPSET, optimize=True, verbose=False,
+            input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
+            dynamic_shapes=_dynamic_shapes(spec, ranges),
+        )
+    logger.debug("torch.onnx output for %s:\n%s", spec.name, log.getvalue())
+    model = program.model_proto
+    name_axes(model, spec)
+    save_model(model, path)
+    return model
+
+
+def name_axes(model: onnx.ModelProto, spec: ComponentSpec) -> None:
+    """Give graph inputs/outputs the spec's axis names; drop stale intermediate shape info."""
+    for value in list(model.graph.input) + list(model.graph.output):
+        t = spec.tensor(value.name)
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) != len(t.axes):
+            raise ValueError(f"{spec.name}.{t.name}: exported rank {len(dims)}, spec rank {len(t.axes)}")
+        for d, axis in zip(dims, t.axes):
+            if isinstance(axis, str):
+                d.dim_param = axis
+            else:
+                d.dim_value = axis
+    del model.graph.value_info[:]
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the initializers (raw or typed data), without serialising the model."""
+    total = 0
+    for init in model.graph.initializer:
+        total += len(init.raw_data) if init.raw_data else np.prod(init.dims, dtype=np.int64) * 4
+    return int(total)
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> None:
+    """Save a graph; weights above EXTERNAL_DATA_BYTES go to `<name>.data` beside it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if weight_bytes(model) > EXTERNAL_DATA_BYTES:
+        onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{path.name}.data", size_threshold=1024)
+        # The external data file was written beside the temp name under its final name.
+    else:
+        onnx.save_model(model, tmp)
+    tmp.replace(path)

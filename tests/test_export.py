@@ -1,0 +1,228 @@
+"""Export of the tiny checkpoint: graphs, parity with PyTorch, fp16 checks, manifest, failures."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper
+
+from diffusion_engine.engine.manifest import read_manifest
+from diffusion_engine.engine.specs import BuildRanges, component_specs
+from diffusion_engine.export import components, validate
+from diffusion_engine.export.checkpoint import CheckpointError, load_checkpoint
+from diffusion_engine.export.exporter import ExportOptions, export_engine
+from diffusion_engine.runtime.tokenizer import PromptTokenizer
+from tests.conftest import MAX_BATCH, MAX_SIZE, MIN_SIZE
+
+# Shapes never used at export time: they prove the axes are really dynamic.
+UNSEEN = {"batch": 3, "sequence": 77, "latent_height": 48, "latent_width": 40, "height": 384, "width": 320}
+
+
+def run_graph(path: Path, feeds: dict) -> dict:
+    sess = validate.cpu_session(path)
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+
+
+def reference(pipe, name: str, feeds: dict) -> dict:
+    spec = component_specs(load_checkpoint_dims(pipe))[name]
+    return validate.torch_outputs(components.wrap(name, pipe), spec, feeds)
+
+
+def load_checkpoint_dims(pipe):
+    from diffusion_engine.export.checkpoint import Checkpoint
+
+    return Checkpoint("", "test", "sd1", pipe, "").dims
+
+
+def test_manifest_lists_components_with_errors(tiny_engine):
+    m = read_manifest(tiny_engine)
+    assert set(m.components) == {"text_encoder", "unet", "vae_decoder"}
+    assert (m.family, m.prediction_type) == ("sd1", "epsilon")
+    assert m.build == BuildRanges(MIN_SIZE, MAX_SIZE, MAX_BATCH)
+    for name, c in m.components.items():
+        assert set(c.files) == {"fp32", "fp16"}
+        assert all((tiny_engine / f).is_file() for f in c.files.values())
+        for precision in ("fp32", "fp16"):
+            shapes = c.parity[precision]
+            assert len(shapes) == 2 and all(r["rel_error"] <= c.tolerance[precision] for r in shapes)
+            dims = [r["dims"] for r in shapes]
+            assert any(d["batch"] > 1 for d in dims)
+            if "latent_height" in dims[0]:
+                assert any(d["latent_height"] != d["latent_width"] for d in dims)
+    assert m.source["digest"].startswith("sha256:") and m.tool_versions["torch"].startswith("2.")
+    assert m.scheduler_config["_class_name"] == "DDIMScheduler"
+
+
+@pytest.mark.parametrize("name", ["text_encoder", "unet", "vae_decoder"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_graph_matches_pytorch_at_unseen_shape(tiny_engine, tiny_pipeline, name, precision):
+    m = read_manifest(tiny_engine)
+    spec = m.specs()[name]
+    feeds = components.example_feeds(spec, {**UNSEEN, "vocab_size": 600}, seed=7)
+    ours = run_graph(tiny_engine / m.components[name].files[precision], feeds)
+    ref = reference(tiny_pipeline, name, feeds)
+    for t in spec.outputs:
+        assert ours[t.name].shape == ref[t.name].shape == t.shape(UNSEEN)
+        assert ours[t.name].dtype == np.dtype(t.dtype)
+        if np.issubdtype(ours[t.name].dtype, np.floating):
+            assert np.isfinite(ours[t.name]).all()
+        _, rel = validate.measure(ours[t.name], ref[t.name])
+        assert rel <= getattr(spec.tolerance, precision), (name, precision, rel)
+
+
+def test_fp16_graph_is_fp16_inside(tiny_engine):
+    m = read_manifest(tiny_engine)
+    model = onnx.load(tiny_engine / m.components["unet"].files["fp16"])
+    fp16_weights = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16]
+    fp32_weights = [i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and np.prod(i.dims) > 16]
+    # Only the timestep's MLP (time_embedding, each resnet's time_emb_proj) keeps fp32 weights.
+    assert len(fp16_weights) > 50 and fp32_weights and all("time_emb" in n for n in fp32_weights), fp32_weights
+    assert [i.type.tensor_type.elem_type for i in model.graph.input] == [onnx.TensorProto.FLOAT] * 3
+    # The sinusoidal timestep embedding computes in fp32: t * freq near t = 1000 needs it.
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
+    trig = [n for n in model.graph.node if n.op_type in ("Sin", "Cos")]
+    assert trig and all(types[n.input[0]] == onnx.TensorProto.FLOAT for n in trig)
+
+
+def test_tokenizer_matches_checkpoint(tiny_engine, tiny_pipeline):
+    m = read_manifest(tiny_engine)
+    prompts = ["a red circle on a blue background", "an astronaut riding a horse, painting", ""]
+    ours = PromptTokenizer.from_manifest(tiny_engine, m.tokenizer).encode(prompts)
+    ref = tiny_pipeline.tokenizer(prompts, padding="max_length", max_length=77, truncation=True).input_ids
+    assert ours.dtype == np.int32 and ours.tolist() == ref
+
+
+def test_engine_info_prints_manifest(tiny_engine, capsys):
+    from diffusion_engine.engine.cli import info_main
+
+    assert info_main([str(tiny_engine)]) == 0
+    out = capsys.readouterr().out
+    for word in ("sd1", "text_encoder", "unet", "vae_decoder", "fp32+fp16", "DDIMScheduler"):
+        assert word in out
+
+
+def _plant(model: onnx.ModelProto, op: str, value: float) -> onnx.ModelProto:
+    """Append `output <op> value` to the graph's first output (NaN via 0*inf, or a scaled result)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    out = model.graph.output[0].name
+    model.graph.initializer.append(helper.make_tensor("planted_c", onnx.TensorProto.FLOAT, [], [value]))
+    for node in model.graph.node:
+        node.output[:] = [f"{out}_pre" if o == out else o for o in node.output]
+    model.graph.node.append(helper.make_node(op, [f"{out}_pre", "planted_c"], [out], name="planted"))
+    return model
+
+
+@pytest.mark.parametrize("planted,match", [(("Mul", float("inf")), "NaN/Inf"), (("Mul", 1.2), "differs from PyTorch")])
+def test_planted_bad_graph_fails_check(tiny_engine, tiny_pipeline, tmp_path, planted, match):
+    m = read_manifest(tiny_engine)
+    spec = m.specs()["text_encoder"]
+    bad = _plant(onnx.load(tiny_engine / m.components["text_encoder"].files["fp16"]), *planted)
+    onnx.save(bad, tmp_path / "bad.onnx")
+    dims = {"batch": 2, "sequence": 77, "vocab_size": 600}
+    feeds = components.example_feeds(spec, dims)
+    with pytest.raises(validate.ParityError, match=match):
+        validate.check(spec, "fp16", validate.cpu_session(tmp_path / "bad.onnx"), feeds, reference(tiny_pipeline, "text_encoder", feeds), dims)
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".partial-" in p.name or ".old-" in p.name)
+
+
+def test_nan_fp16_graph_fails_export_and_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
+    from diffusion_engine.export import fp16
+
+    real = fp16.to_fp16
+    monkeypatch.setattr(fp16, "to_fp16", lambda model, keep=(): (_plant(real(model, keep)[0], "Mul", float("nan")), []))
+    out = tmp_path / "engine"
+    with pytest.raises(validate.ParityError, match="text_encoder fp16: last_hidden_state has .* NaN"):
+        export_engine(str(tiny_checkpoint), out, ExportOptions(BuildRanges(MIN_SIZE, MAX_SIZE, 1)))
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--min-size", "250"], "min-size 250 must be a positive multiple of 8"),
+        (["--max-size", "1020"], "max-size 1020 must be a positive multiple of 8"),
+        (["--min-size", "512", "--max-size", "256"], "min-size 512 is larger than max-size 256"),
+        (["--max-batch", "0"], "max-batch 0 must be at least 1"),
+        (["--min-size", "264"], "min-size 264 must be a multiple of 16 for this model"),
+    ],
+)
+def test_cli_rejects_bad_ranges(tiny_checkpoint, tmp_path, capsys, args, message):
+    from diffusion_engine.export.cli import main
+
+    assert main([str(tiny_checkpoint), "--out", str(tmp_path / "e"), *args]) != 0
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "e").exists() and leftovers(tmp_path) == []
+
+
+def test_bad_checkpoints_give_clear_errors(tiny_checkpoint, tmp_path):
+    with pytest.raises(CheckpointError, match="no such file or folder"):
+        load_checkpoint(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="empty is not a diffusers checkpoint: it has no model_index.json"):
+        load_checkpoint(str(tmp_path / "empty"))
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=f"{broken}: could not load the checkpoint"):
+        load_checkpoint(str(broken))
+    with pytest.raises(CheckpointError, match="could not download from the model hub"):
+        load_checkpoint("nonexistent-org/nonexistent-model")
+
+
+def test_cli_failure_leaves_no_engine_dir(tiny_checkpoint, tmp_path, capsys):
+    from diffusion_engine.export.cli import main
+
+    out = tmp_path / "e"
+    assert main([str(tmp_path / "nowhere"), "--out", str(out)]) == 1
+    assert "no such file or folder" in capsys.readouterr().err
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_existing_out_needs_overwrite(tiny_engine, tiny_checkpoint):
+    before = (tiny_engine / "manifest.json").read_text()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export_engine(str(tiny_checkpoint), tiny_engine, ExportOptions(BuildRanges(MIN_SIZE, MAX_SIZE, MAX_BATCH)))
+    assert (tiny_engine / "manifest.json").read_text() == before
+
+
+def test_large_weights_go_to_external_data(tiny_engine, tmp_path, monkeypatch):
+    monkeypatch.setattr(components, "EXTERNAL_DATA_BYTES", 0)
+    model = onnx.load(tiny_engine / "text_encoder.fp32.onnx")
+    weights = components.weight_bytes(model)
+    components.save_model(model, tmp_path / "te.onnx")
+    assert (tmp_path / "te.onnx.data").stat().st_size >= 0.95 * weights  # tensors under 1 KiB stay inline
+    assert (tmp_path / "te.onnx").stat().st_size <= (tiny_engine / "text_encoder.fp32.onnx").stat().st_size - 0.95 * weights
+    feeds = {"input_ids": np.ones((1, 77), np.int32)}
+    ref = run_graph(tiny_engine / "text_encoder.fp32.onnx", feeds)["last_hidden_state"]
+    np.testing.assert_array_equal(run_graph(tmp_path / "te.onnx", feeds)["last_hidden_state"], ref)
+
+
+def test_read_manifest_errors(tiny_engine, tmp_path):
+    from diffusion_engine.engine.manifest import ManifestError
+
+    with pytest.raises(ManifestError, match="no such engine directory"):
+        read_manifest(tmp_path / "nope")
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_engine, copy)
+    d = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**d, "format_version": 99}))
+    with pytest.raises(ManifestError, match="format version 99 is newer"):
+        read_manifest(copy)
+    (copy / "manifest.json").write_text("{not json")
+    with pytest.raises(ManifestError, match="corrupt manifest"):
+        read_manifest(copy)
+    (copy / "manifest.json").write_text(json.dumps(d))
+    (copy / "unet.fp16.onnx").unlink()
+    with pytest.raises(ManifestError, match="missing: unet.fp16.onnx"):
+        read_manifest(copy)

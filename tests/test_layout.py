@@ -1,0 +1,76 @@
+"""Packaging: one diffusion_engine namespace, no bare top-level modules, a lean runtime."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNTIME_MODULES = sorted(
+    "diffusion_engine.runtime." + ".".join(p.relative_to(ROOT / "runtime").with_suffix("").parts)
+    for p in (ROOT / "runtime").rglob("*.py")
+    if p.name != "__init__.py"
+)
+
+
+def python(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_namespace_imports_outside_repo_root(tmp_path):
+    ok = python("import diffusion_engine.export, diffusion_engine.engine, diffusion_engine.runtime", tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    for bare in ("export", "engine", "runtime", "benchmarks"):
+        r = python(f"import {bare}", tmp_path)
+        assert r.returncode != 0 and "ModuleNotFoundError" in r.stderr, bare
+
+
+def test_runtime_never_imports_torch_or_diffusers(tmp_path):
+    code = (
+        "import sys\n"
+        + "".join(f"import {m}\n" for m in RUNTIME_MODULES)
+        + "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers'))\n"
+        + "print(len(sys.modules)); assert not bad, bad\n"
+    )
+    assert RUNTIME_MODULES, "no runtime modules found"
+    r = python(code, tmp_path)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert r.returncode == 0, r.stderr
+    return next(out.glob("diffusion_engine-*.whl"))
+
+
+def test_wheel_holds_only_the_namespace(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert tops == {"diffusion_engine", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info"}
+    for module in ["export/exporter.py", "engine/manifest.py", "runtime/tokenizer.py", "runtime/samplers/plan.py"]:
+        assert f"diffusion_engine/{module}" in names
+
+
+def test_regular_install_imports(wheel, tmp_path):
+    target = tmp_path / "site"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    code = (
+        f"import sys; sys.path.insert(0, {str(target)!r})\n"
+        "import diffusion_engine.runtime.samplers as s, diffusion_engine.engine.manifest as m\n"
+        f"assert s.__file__.startswith({str(target)!r}), s.__file__\n"
+        "print(s.SAMPLERS)\n"
+    )
+    r = python(code, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert not (target / "export").exists() and not (target / "runtime").exists()
