@@ -1,0 +1,60 @@
+"""Samplers as coefficient tables: `make_plan(name, scheduler_config, steps)` -> `SamplerPlan`.
+
+Each plan mirrors what the matching diffusers scheduler does after `from_config(config)` and
+`set_timesteps(steps)`, as a fixed float64 table of linear state updates (see DESIGN.md,
+"Samplers as coefficient tables"). `run_plan` is the float64 host reference executor.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from . import config as _config
+from .ddim import ddim, pndm
+from .euler import euler, euler_ancestral, heun, lms
+from .multistep import dpmpp_2m, unipc
+from .plan import STATE_SIZE, Evaluation, SamplerPlan, assemble, run_plan
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SAMPLERS", "STATE_SIZE", "SamplerPlan", "make_plan", "run_plan"]
+
+_Builder = Callable[[Mapping[str, Any], int], tuple[list[Evaluation], float]]
+
+_DPM_2M = {"algorithm_type": "dpmsolver++", "solver_order": 2}
+
+# name -> (diffusers class, values forced by the name, plan builder)
+_REGISTRY: dict[str, tuple[_config.SchedulerClass, Mapping[str, Any], _Builder]] = {
+    "ddim": (_config.DDIM, {}, ddim),
+    "pndm": (_config.PNDM, {"skip_prk_steps": True}, pndm),
+    "lms": (_config.LMS, {}, lms),
+    "euler": (_config.EULER, {}, euler),
+    "euler_a": (_config.EULER_ANCESTRAL, {}, euler_ancestral),
+    "heun": (_config.HEUN, {}, heun),
+    "dpmpp_2m": (_config.DPM_SOLVER, {**_DPM_2M, "use_karras_sigmas": False}, dpmpp_2m),
+    "dpmpp_2m_karras": (_config.DPM_SOLVER, {**_DPM_2M, "use_karras_sigmas": True}, dpmpp_2m),
+    "unipc": (_config.UNIPC, {}, unipc),
+}
+
+SAMPLERS: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def make_plan(name: str, scheduler_config: Mapping[str, Any], steps: int) -> SamplerPlan:
+    """Build the coefficient table of sampler `name` for a diffusers scheduler config and step count."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown sampler {name!r}; valid names: {', '.join(SAMPLERS)}")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    cls, forced, builder = _REGISTRY[name]
+    settings = _config.resolve(name, cls, scheduler_config, forced)
+    if steps > settings["num_train_timesteps"]:
+        raise ValueError(f"steps={steps} exceeds num_train_timesteps={settings['num_train_timesteps']}")
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        evaluations, init_noise_sigma = builder(settings, int(steps))
+    plan = assemble(name, evaluations, init_noise_sigma, settings["prediction_type"])
+    logger.debug("plan %s: %d steps, %d evaluations", name, steps, plan.num_evaluations)
+    return plan
