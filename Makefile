@@ -17,11 +17,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[export,test]"
 	touch $@
 
-# The main job on the CPU default: build a tiny checkpoint, export it, show the engine.
+# The main job on the CPU default: build a tiny checkpoint, export it, generate an image.
 demo: install
 	$(BIN)/engine-tiny $(OUT)/tiny-sd1
 	$(BIN)/engine-export $(OUT)/tiny-sd1 --out $(OUT)/tiny-engine --max-size 512 --max-batch 2 --overwrite
 	$(BIN)/engine-info $(OUT)/tiny-engine
+	$(BIN)/engine-run --engine $(OUT)/tiny-engine --prompt "$(PROMPT)" --steps 20 --seed 0 --height 256 --width 256 --out $(OUT)/demo.png
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -29,10 +29,31 @@ LATENT_WIDTH = "latent_width"
 HEIGHT = "height"
 WIDTH = "width"
 
+# The step graph's tensors (engine/step_graph.py).
+STATE = "state"
+NOISE = "noise"
+STEP = "step"
+TIMESTEPS = "timesteps"
+INPUT_SCALES = "input_scales"
+COEFFS = "coeffs"
+GUIDANCE_SCALE = "guidance_scale"
+STATE_OUT = "state_out"
+SAMPLE_OUT = "sample_out"
+TIMESTEP_OUT = "timestep_out"
+STEP_OUT = "step_out"
+# Step-graph axes: the UNet's batch (doubled when guided), plan length, noise rows.
+UNET_BATCH = "unet_batch"
+EVALUATIONS = "evaluations"
+NOISE_ROWS = "noise_rows"
+MAX_EVALUATIONS = 1000
+
 TEXT_ENCODER = "text_encoder"
 UNET = "unet"
 VAE_DECODER = "vae_decoder"
-COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER)
+COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER)  # exported from the checkpoint
+STEP_GUIDED = "step"
+STEP_UNGUIDED = "step_unguided"
+STEP_GRAPHS = (STEP_GUIDED, STEP_UNGUIDED)  # generated
 
 
 @dataclass(frozen=True)
@@ -181,6 +202,29 @@ def component_specs(m: ModelDims) -> dict[str, ComponentSpec]:
     return {s.name: s for s in (text_encoder, unet, vae_decoder)}
 
 
+def step_spec(m: ModelDims, state_size: int, guided: bool) -> ComponentSpec:
+    """The fused guidance + sampler-update graph after each UNet call (see engine/step_graph.py)."""
+    latent = (m.latent_channels, LATENT_HEIGHT, LATENT_WIDTH)
+    unet_batch = UNET_BATCH if guided else BATCH
+    state = (state_size, BATCH) + latent
+    inputs = (
+        TensorSpec(NOISE_PRED, "float32", (unet_batch,) + latent),
+        TensorSpec(STATE, "float32", state),
+        TensorSpec(NOISE, "float32", (NOISE_ROWS, BATCH) + latent),
+        TensorSpec(STEP, "int32", (1,)),
+        TensorSpec(TIMESTEPS, "float32", (EVALUATIONS,)),
+        TensorSpec(INPUT_SCALES, "float32", (EVALUATIONS,)),
+        TensorSpec(COEFFS, "float32", (EVALUATIONS, state_size, state_size + 2)),
+    ) + ((TensorSpec(GUIDANCE_SCALE, "float32", (1,)),) if guided else ())
+    outputs = (
+        TensorSpec(STATE_OUT, "float32", state),
+        TensorSpec(SAMPLE_OUT, "float32", (unet_batch,) + latent),
+        TensorSpec(TIMESTEP_OUT, "float32", (1,)),
+        TensorSpec(STEP_OUT, "int32", (1,)),
+    )
+    return ComponentSpec(STEP_GUIDED if guided else STEP_UNGUIDED, inputs, outputs, Tolerance(fp32=1e-5, fp16=1e-5))
+
+
 @dataclass(frozen=True)
 class BuildRanges:
     """What an engine is built for: image sizes in pixels and images per batch."""
@@ -204,6 +248,9 @@ class BuildRanges:
             LATENT_WIDTH: lat,
             HEIGHT: pix,
             WIDTH: pix,
+            UNET_BATCH: AxisRange(2, 2 * self.max_batch, 2),
+            EVALUATIONS: AxisRange(1, MAX_EVALUATIONS),
+            NOISE_ROWS: AxisRange(1, MAX_EVALUATIONS),
         }
         return {a: table[a] for a in spec.axis_names()}
 

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from diffusion_engine.engine.specs import BuildRanges, validate_build_ranges
 
-STAGES = ("load checkpoint", "tokenizer", "text_encoder", "unet", "vae_decoder")
+STAGES = ("load checkpoint", "tokenizer", "text_encoder", "unet", "vae_decoder", "step graphs")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

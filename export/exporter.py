@@ -9,17 +9,22 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import onnx
 
 from diffusion_engine.engine.manifest import MANIFEST, ComponentEntry, Manifest, atomic_directory, write_atomic
 from diffusion_engine.engine.specs import (
     COMPONENTS,
+    STEP,
     TIMESTEP,
     BuildRanges,
     ComponentSpec,
     ModelDims,
     component_specs,
+    step_spec,
 )
+from diffusion_engine.engine.step_graph import build_step_graph, reference_step
+from diffusion_engine.runtime.samplers import STATE_SIZE
 from diffusion_engine.export import components, fp16, validate
 from diffusion_engine.export.checkpoint import Checkpoint, load_checkpoint
 from diffusion_engine.export.tokenizer import save_tokenizer
@@ -73,6 +78,10 @@ def export_engine(
             progress(name)
             entries[name], report = export_one(ckpt, specs[name], options, tmp)
             reports.append(report)
+        progress("step graphs")
+        for guided in (True, False):
+            spec = step_spec(dims, STATE_SIZE, guided)
+            entries[spec.name] = export_step_graph(spec, guided, options.ranges.axis_ranges(spec, dims), tmp)
         manifest = Manifest(
             family=ckpt.family, prediction_type=ckpt.prediction_type, dims=dims, build=options.ranges,
             scheduler_config=ckpt.scheduler_config, tokenizer=tokenizer, components=entries,
@@ -120,6 +129,25 @@ def export_one(ckpt: Checkpoint, spec: ComponentSpec, options: ExportOptions, ou
         max(r.rel_error for r in parity["fp16"]) if "fp16" in parity else None, time.perf_counter() - start,
     )
     return entry, report
+
+
+def export_step_graph(spec: ComponentSpec, guided: bool, ranges, out: Path) -> ComponentEntry:
+    """Generate a step graph, check it against its numpy definition at two shapes, record it."""
+    files = {"fp32": f"{spec.name}.onnx"}
+    components.save_model(build_step_graph(spec, guided), out / files["fp32"])
+    session = validate.cpu_session(out / files["fp32"])
+    results = []
+    for i, dims in enumerate(validate.parity_dims(ranges)):
+        dims = {**dims, "evaluations": 7, "noise_rows": 7 if i else 1, "unet_batch": 2 * dims["batch"]}
+        feeds = components.example_feeds(spec, dims, seed=i)
+        feeds[STEP] = np.array([6 if i else 2], np.int32)  # a middle step, and the last (the next index clamps)
+        expected = reference_step(feeds, guided)
+        ref = {t.name: expected[t.name].astype(np.dtype(t.dtype)) for t in spec.outputs}
+        results.append(validate.check(spec, "fp32", session, feeds, ref, dims).as_dict())
+    return ComponentEntry.from_spec(
+        spec, ranges, files=files, gpu_precision="fp32", parameters=0, parity={"fp32": results},
+        notes=["generated: classifier-free guidance + sampler update" if guided else "generated: sampler update"],
+    )
 
 
 def validate_component(module, spec: ComponentSpec, ranges, paths: dict[str, Path], vocab: int) -> dict[str, list[validate.Parity]]:

@@ -1,0 +1,134 @@
+"""The fused step graph: classifier-free guidance + one sampler update, as a tiny ONNX graph.
+
+After each UNet call the backend runs this graph. It reads the plan's tables (timesteps, input
+scales, coefficients) with its own step counter and returns the next state, the next UNet input
+and timestep, and the advanced counter: a denoising step needs no host math and no host input,
+so a step (UNet + this graph) can be captured once and replayed.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import TensorProto, helper
+
+from diffusion_engine.engine.specs import (
+    COEFFS,
+    GUIDANCE_SCALE,
+    INPUT_SCALES,
+    NOISE,
+    NOISE_PRED,
+    SAMPLE_OUT,
+    STATE,
+    STATE_OUT,
+    STEP,
+    STEP_OUT,
+    TIMESTEP_OUT,
+    TIMESTEPS,
+    ComponentSpec,
+)
+
+STEP_OPSET = 17
+_ONNX_TYPES = {"float32": TensorProto.FLOAT, "int32": TensorProto.INT32}
+
+
+def _value_infos(tensors) -> list[onnx.ValueInfoProto]:
+    return [helper.make_tensor_value_info(t.name, _ONNX_TYPES[t.dtype], list(t.axes)) for t in tensors]
+
+
+def _const(name: str, values: list, dtype: int = TensorProto.INT64) -> onnx.TensorProto:
+    return helper.make_tensor(name, dtype, [len(values)], values)
+
+
+def _guidance(guided: bool) -> list[onnx.NodeProto]:
+    """m = uncond + g * (cond - uncond) over the [uncond; cond] batch, or m = noise_pred."""
+    if not guided:
+        return [helper.make_node("Identity", [NOISE_PRED], ["m"], name="unguided")]
+    return [
+        helper.make_node("Split", [NOISE_PRED], ["uncond", "cond"], name="split_cfg", axis=0),
+        helper.make_node("Sub", ["cond", "uncond"], ["delta"], name="cfg_delta"),
+        helper.make_node("Mul", ["delta", GUIDANCE_SCALE], ["scaled_delta"], name="cfg_scale"),
+        helper.make_node("Add", ["uncond", "scaled_delta"], ["m"], name="cfg"),
+    ]
+
+
+def _update() -> list[onnx.NodeProto]:
+    """state_out = coeffs[step] @ [state; m; noise[min(step, rows - 1)]], one MatMul."""
+    n = helper.make_node
+    return [
+        n("Gather", [COEFFS, STEP], ["row"], name="coeff_row", axis=0),  # [1, K, K+2]
+        n("Squeeze", ["row", "zero"], ["matrix"], name="coeff_matrix"),  # [K, K+2]
+        n("Shape", [NOISE], ["noise_rows"], name="noise_rows", start=0, end=1),
+        n("Cast", ["noise_rows"], ["noise_rows32"], name="noise_rows32", to=TensorProto.INT32),
+        n("Sub", ["noise_rows32", "one32"], ["last_noise"], name="last_noise"),
+        n("Min", [STEP, "last_noise"], ["noise_index"], name="noise_index"),
+        n("Gather", [NOISE, "noise_index"], ["fresh"], name="fresh_noise", axis=0),  # [1, B, C, H, W]
+        n("Unsqueeze", ["m", "zero"], ["m1"], name="m1"),
+        n("Concat", [STATE, "m1", "fresh"], ["stack"], name="stack", axis=0),  # [K+2, B, C, H, W]
+        n("Shape", ["stack"], ["stack_rows"], name="stack_rows", start=0, end=1),
+        n("Concat", ["stack_rows", "minus_one"], ["flat_shape"], name="flat_shape", axis=0),
+        n("Reshape", ["stack", "flat_shape"], ["flat"], name="flatten"),
+        n("MatMul", ["matrix", "flat"], ["updated"], name="update"),  # [K, B*C*H*W]
+        n("Shape", [STATE], ["state_shape"], name="state_shape"),
+        n("Reshape", ["updated", "state_shape"], [STATE_OUT], name="state_out"),
+    ]
+
+
+def _next_inputs(guided: bool) -> list[onnx.NodeProto]:
+    """The next UNet input (scaled latents, doubled when guided), its timestep, step + 1."""
+    n = helper.make_node
+    nodes = [
+        n("Add", [STEP, "one32"], [STEP_OUT], name="step_out"),
+        n("Shape", [TIMESTEPS], ["evaluations"], name="evaluations"),
+        n("Cast", ["evaluations"], ["evaluations32"], name="evaluations32", to=TensorProto.INT32),
+        n("Sub", ["evaluations32", "one32"], ["last_evaluation"], name="last_evaluation"),
+        n("Min", [STEP_OUT, "last_evaluation"], ["next"], name="next_index"),
+        n("Gather", [TIMESTEPS, "next"], [TIMESTEP_OUT], name="timestep_out", axis=0),
+        n("Gather", [INPUT_SCALES, "next"], ["next_scale"], name="next_scale", axis=0),
+        n("Gather", [STATE_OUT, "zero_index"], ["latents"], name="latents", axis=0),
+        n("Mul", ["latents", "next_scale"], ["scaled" if guided else SAMPLE_OUT], name="scale_input"),
+    ]
+    if guided:
+        nodes.append(n("Concat", ["scaled", "scaled"], [SAMPLE_OUT], name="cfg_batch", axis=0))
+    return nodes
+
+
+def build_step_graph(spec: ComponentSpec, guided: bool) -> onnx.ModelProto:
+    """The step graph of `spec` (see engine.specs.step_spec), checked by onnx.checker."""
+    inits = [
+        _const("zero", [0]),
+        _const("minus_one", [-1]),
+        _const("one32", [1], TensorProto.INT32),
+        helper.make_tensor("zero_index", TensorProto.INT32, [], [0]),
+    ]
+    graph = helper.make_graph(
+        _guidance(guided) + _update() + _next_inputs(guided), spec.name,
+        _value_infos(spec.inputs), _value_infos(spec.outputs), initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", STEP_OPSET)],
+                              producer_name="diffusion-engine")
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def reference_step(feeds: dict, guided: bool) -> dict:
+    """The step graph's definition in float64 numpy (the check at export and in tests)."""
+    import numpy as np
+
+    f = {k: np.asarray(v, np.float64) if k != STEP else int(np.asarray(v)[0]) for k, v in feeds.items()}
+    step = f[STEP]
+    m = f[NOISE_PRED]
+    if guided:
+        uncond, cond = np.split(m, 2)
+        m = uncond + f[GUIDANCE_SCALE][0] * (cond - uncond)
+    fresh = f[NOISE][min(step, len(f[NOISE]) - 1)]
+    stack = np.concatenate([f[STATE], m[None], fresh[None]])
+    state = np.tensordot(f[COEFFS][step], stack, axes=1)
+    nxt = min(step + 1, len(f[TIMESTEPS]) - 1)
+    sample = f[INPUT_SCALES][nxt] * state[0]
+    return {
+        STATE_OUT: state,
+        SAMPLE_OUT: np.concatenate([sample, sample]) if guided else sample,
+        TIMESTEP_OUT: f[TIMESTEPS][nxt : nxt + 1],
+        STEP_OUT: np.array([step + 1]),
+    }

@@ -1,0 +1,92 @@
+"""`engine-run --engine DIR --prompt TEXT`: generate PNGs from an engine directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from PIL import PngImagePlugin
+from tqdm import tqdm
+
+from diffusion_engine.engine.manifest import ManifestError
+from diffusion_engine.runtime.pipeline import BACKENDS, GenerationResult, Pipeline
+from diffusion_engine.runtime.samplers import SAMPLERS
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="engine-run", description="Generate images from an engine directory.")
+    p.add_argument("--engine", required=True, help="engine directory made by engine-export")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 disables it")
+    p.add_argument("--scheduler", choices=SAMPLERS, help="default: the checkpoint's own scheduler")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--batch", type=int, default=1, help="images to generate")
+    p.add_argument("--out", default="out.png", help="PNG path; with --batch N > 1, -0, -1, ... are added")
+    p.add_argument("--backend", choices=BACKENDS, default="auto")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def output_paths(out: str, n: int) -> list[Path]:
+    """out itself for one image; out-<i>.png for several."""
+    path = Path(out)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"--out {out!r} must end in .png")
+    return [path] if n == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
+
+
+def save_png(result: GenerationResult, index: int, path: Path) -> None:
+    """Write one image with its generation parameters in a PNG text chunk named 'parameters'."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", json.dumps({**result.parameters, "index": index}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        result.images[index].save(tmp, pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("diffusion_engine").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        paths = output_paths(args.out, args.batch)
+        with Pipeline.load(args.engine, backend=args.backend) as pipe, tqdm(unit="step", file=sys.stderr) as bar:
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            result = pipe.generate(
+                args.prompt, args.negative_prompt, steps=args.steps, guidance_scale=args.guidance,
+                scheduler=args.scheduler, seed=args.seed, height=args.height, width=args.width,
+                batch_size=args.batch, progress=progress,
+            )
+    except (ValueError, ManifestError) as exc:
+        print(f"engine-run: error: {exc}", file=sys.stderr)
+        return 2
+    for i, path in enumerate(paths):
+        save_png(result, i, path)
+        print(f"wrote {path}")
+    p = result.parameters
+    print(f"{p['width']}x{p['height']}, {p['steps']} steps of {p['scheduler']}, guidance {p['guidance_scale']}, "
+          f"seed {result.seed}, backend {p['backend']}")
+    print("  ".join(f"{k} {v * 1000:.1f} ms" for k, v in result.timings.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The denoising loop: UNet then the fused step graph, E times, with no host math in between."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from diffusion_engine.engine.specs import (
+    COEFFS,
+    ENCODER_HIDDEN_STATES,
+    GUIDANCE_SCALE,
+    INPUT_SCALES,
+    NOISE,
+    NOISE_PRED,
+    SAMPLE,
+    SAMPLE_OUT,
+    STATE,
+    STATE_OUT,
+    STEP,
+    STEP_OUT,
+    TIMESTEP,
+    TIMESTEP_OUT,
+    TIMESTEPS,
+)
+from diffusion_engine.runtime.samplers import STATE_SIZE, SamplerPlan
+from diffusion_engine.runtime.session import Session
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]  # (evaluations done, evaluations in all)
+
+
+@dataclass(frozen=True)
+class LoopInputs:
+    """Everything one denoising loop reads: the plan's tables, initial values, noise, text."""
+
+    tables: dict[str, np.ndarray]  # timesteps, input_scales, coeffs as float32 (+ guidance_scale)
+    state: np.ndarray  # float32 [K, N, C, h, w]
+    sample: np.ndarray  # float32 [G*N, C, h, w]: the first UNet input
+    timestep: np.ndarray  # float32 [1]
+    noise: np.ndarray  # float32 [rows, N, C, h, w]; rows = E for noisy plans, else 1 (zeros)
+    text: np.ndarray  # float32 [G*N, seq, hidden]: [unconditional; conditional] when guided
+
+    @property
+    def evaluations(self) -> int:
+        return int(self.tables[TIMESTEPS].shape[0])
+
+
+def loop_inputs(
+    plan: SamplerPlan, latents: np.ndarray, text: np.ndarray, guidance: float | None, rng: np.random.Generator
+) -> LoopInputs:
+    """Initial state and device tables of one loop; per-step noise drawn from rng after the latents."""
+    state = np.zeros((STATE_SIZE,) + latents.shape, np.float32)
+    state[0] = plan.init_noise_sigma * latents.astype(np.float64)
+    sample = (plan.input_scales[0] * state[0].astype(np.float64)).astype(np.float32)
+    guided = guidance is not None
+    if plan.uses_noise.any():
+        noise = rng.standard_normal((plan.num_evaluations,) + latents.shape, dtype=np.float32)
+    else:
+        noise = np.zeros((1,) + latents.shape, np.float32)
+    tables = {
+        TIMESTEPS: plan.timesteps.astype(np.float32),
+        INPUT_SCALES: plan.input_scales.astype(np.float32),
+        COEFFS: plan.coeffs.astype(np.float32),
+    }
+    if guided:
+        tables[GUIDANCE_SCALE] = np.array([guidance], np.float32)
+    return LoopInputs(
+        tables=tables, state=state, sample=np.concatenate([sample, sample]) if guided else sample,
+        timestep=np.array([plan.timesteps[0]], np.float32), noise=noise, text=text,
+    )
+
+
+class HostLoop:
+    """The loop for backends that take and return host arrays (ONNX Runtime on the CPU)."""
+
+    def __init__(self, unet: Session, step: Session):
+        self.unet = unet
+        self.step = step
+
+    def run(self, x: LoopInputs, progress: Progress | None = None) -> tuple[np.ndarray, dict[str, float]]:
+        """Run every evaluation; return the final latents and time spent in the UNet and step graph."""
+        state, sample, timestep = x.state, x.sample, x.timestep
+        step = np.zeros(1, np.int32)
+        spent = {"unet": 0.0, "step": 0.0}
+        for e in range(x.evaluations):
+            t0 = time.perf_counter()
+            noise_pred = self.unet.run({SAMPLE: sample, TIMESTEP: timestep, ENCODER_HIDDEN_STATES: x.text})[NOISE_PRED]
+            t1 = time.perf_counter()
+            out = self.step.run({NOISE_PRED: noise_pred, STATE: state, NOISE: x.noise, STEP: step, **x.tables})
+            spent["unet"] += t1 - t0
+            spent["step"] += time.perf_counter() - t1
+            state, sample, timestep, step = out[STATE_OUT], out[SAMPLE_OUT], out[TIMESTEP_OUT], out[STEP_OUT]
+            if progress is not None:
+                progress(e + 1, x.evaluations)
+        return state[0], spent
