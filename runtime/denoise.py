@@ -11,7 +11,6 @@ import numpy as np
 
 from diffusion_engine.engine.specs import (
     COEFFS,
-    ENCODER_HIDDEN_STATES,
     GUIDANCE_SCALE,
     INPUT_SCALES,
     NOISE,
@@ -43,7 +42,9 @@ class LoopInputs:
     sample: np.ndarray  # float32 [G*N, C, h, w]: the first UNet input
     timestep: np.ndarray  # float32 [1]
     noise: np.ndarray  # float32 [rows, N, C, h, w]; rows = E for noisy plans, else 1 (zeros)
-    text: np.ndarray  # float32 [G*N, seq, hidden]: [unconditional; conditional] when guided
+    # UNet inputs fixed for the whole loop: encoder_hidden_states [G*N, seq, hidden], ordered
+    # [unconditional; conditional] when guided (and, per family, pooled embeddings, time ids, ...).
+    unet_static: dict[str, np.ndarray]
 
     @property
     def evaluations(self) -> int:
@@ -51,7 +52,8 @@ class LoopInputs:
 
 
 def loop_inputs(
-    plan: SamplerPlan, latents: np.ndarray, text: np.ndarray, guidance: float | None, rng: np.random.Generator
+    plan: SamplerPlan, latents: np.ndarray, unet_static: dict[str, np.ndarray], guidance: float | None,
+    rng: np.random.Generator,
 ) -> LoopInputs:
     """Initial state and device tables of one loop; per-step noise drawn from rng after the latents."""
     state = np.zeros((STATE_SIZE,) + latents.shape, np.float32)
@@ -71,7 +73,7 @@ def loop_inputs(
         tables[GUIDANCE_SCALE] = np.array([guidance], np.float32)
     return LoopInputs(
         tables=tables, state=state, sample=np.concatenate([sample, sample]) if guided else sample,
-        timestep=np.array([plan.timesteps[0]], np.float32), noise=noise, text=text,
+        timestep=np.array([plan.timesteps[0]], np.float32), noise=noise, unet_static=unet_static,
     )
 
 
@@ -89,7 +91,7 @@ class HostLoop:
         spent = {"unet": 0.0, "step": 0.0}
         for e in range(x.evaluations):
             t0 = time.perf_counter()
-            noise_pred = self.unet.run({SAMPLE: sample, TIMESTEP: timestep, ENCODER_HIDDEN_STATES: x.text})[NOISE_PRED]
+            noise_pred = self.unet.run({SAMPLE: sample, TIMESTEP: timestep, **x.unet_static})[NOISE_PRED]
             t1 = time.perf_counter()
             out = self.step.run({NOISE_PRED: noise_pred, STATE: state, NOISE: x.noise, STEP: step, **x.tables})
             spent["unet"] += t1 - t0

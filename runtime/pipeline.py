@@ -15,6 +15,7 @@ from PIL import Image
 from diffusion_engine.engine.manifest import Manifest, read_manifest
 from diffusion_engine.engine.specs import (
     COMPONENTS,
+    ENCODER_HIDDEN_STATES,
     IMAGES,
     INPUT_IDS,
     LAST_HIDDEN_STATE,
@@ -133,7 +134,7 @@ class Pipeline:
         timings["text_encoder"] = time.perf_counter() - t
 
         loop = HostLoop(self.sessions[UNET], self.sessions[STEP_GUIDED if guided else STEP_UNGUIDED])
-        inputs = loop_inputs(plan, latents, text, guidance_scale if guided else None, rng)
+        inputs = loop_inputs(plan, latents, {ENCODER_HIDDEN_STATES: text}, guidance_scale if guided else None, rng)
         t = time.perf_counter()
         final, spent = loop.run(inputs, progress)
         timings["denoise"] = time.perf_counter() - t

@@ -40,7 +40,7 @@ def test_step_graph_loop_matches_run_plan(tmp_path, sampler, guided):
     rng = np.random.default_rng(0)
     latents = rng.standard_normal((2, 4, 32, 34), dtype=np.float32)
     text = rng.standard_normal((4 if guided else 2, 77, 8), dtype=np.float32)
-    inputs = loop_inputs(plan, latents, text, 6.0 if guided else None, np.random.default_rng(1))
+    inputs = loop_inputs(plan, latents, {"encoder_hidden_states": text}, 6.0 if guided else None, np.random.default_rng(1))
     ours, _ = HostLoop(ToyUNet(), session(tmp_path, guided)).run(inputs)
 
     def model(x, t):
