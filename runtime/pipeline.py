@@ -126,11 +126,13 @@ class Pipeline:
         timings: dict[str, float] = {}
 
         t = time.perf_counter()
-        ids = self.tokenizer.encode(negatives + prompts if guided else prompts)
+        # Each prompt once per image: the embeddings come out in the UNet's batch order, so no
+        # host op touches them (on GPU backends they stay on the device).
+        per_image = [p for p in (negatives + prompts if guided else prompts) for _ in range(batch_size)]
+        ids = self.tokenizer.encode(per_image)
         timings["tokenize"] = time.perf_counter() - t
         t = time.perf_counter()
         text = self.sessions[TEXT_ENCODER].run({INPUT_IDS: ids})[LAST_HIDDEN_STATE]
-        text = np.repeat(text, batch_size, axis=0)  # each prompt's embedding once per image
         timings["text_encoder"] = time.perf_counter() - t
 
         loop = HostLoop(self.sessions[UNET], self.sessions[STEP_GUIDED if guided else STEP_UNGUIDED])
@@ -142,7 +144,7 @@ class Pipeline:
         timings["unet_per_step"] = spent["unet"] / plan.num_evaluations
 
         t = time.perf_counter()
-        pixels = self.sessions[VAE_DECODER].run({LATENTS: np.ascontiguousarray(final)})[IMAGES]
+        pixels = np.asarray(self.sessions[VAE_DECODER].run({LATENTS: final})[IMAGES])  # the one device->host copy
         timings["vae_decoder"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - start
         params = {
