@@ -79,6 +79,10 @@ class Manifest:
     source: dict[str, str]
     tool_versions: dict[str, str]
     format_version: int = FORMAT_VERSION
+    # Added within format 1 (older manifests read with these defaults):
+    defaults: dict[str, Any] = field(default_factory=dict)  # size, steps, guidance_scale, scheduler
+    tokenizer_2: dict[str, Any] | None = None  # SDXL's second tokenizer, as `tokenizer`
+    force_zeros_for_empty_prompt: bool = False  # SDXL: an empty negative prompt is zero conditioning
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -122,8 +126,9 @@ def read_manifest(engine_dir: str | os.PathLike) -> Manifest:
     except (KeyError, TypeError, ValueError) as exc:
         raise ManifestError(f"{path}: corrupt manifest ({type(exc).__name__}: {exc})") from exc
     missing = [f for c in manifest.components.values() for f in c.files.values() if not (root / f).is_file()]
-    if not (root / manifest.tokenizer.get("file", "")).is_file():
-        missing.append(str(manifest.tokenizer.get("file")))
+    for tokenizer in filter(None, (manifest.tokenizer, manifest.tokenizer_2)):
+        if not (root / tokenizer.get("file", "")).is_file():
+            missing.append(str(tokenizer.get("file")))
     if missing:
         raise ManifestError(f"{root}: files listed in the manifest are missing: {', '.join(missing)}")
     return manifest

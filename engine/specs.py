@@ -13,10 +13,15 @@ import numpy as np
 
 # Tensor names, used everywhere instead of string literals.
 INPUT_IDS = "input_ids"
+INPUT_IDS_2 = "input_ids_2"  # SDXL: the second tokenizer's ids
 LAST_HIDDEN_STATE = "last_hidden_state"
+PROMPT_EMBEDS = "prompt_embeds"  # SDXL: both encoders' penultimate hidden states, concatenated
+TEXT_EMBEDS = "text_embeds"  # SDXL: the second encoder's pooled projection (a UNet input too)
 SAMPLE = "sample"
 TIMESTEP = "timestep"
 ENCODER_HIDDEN_STATES = "encoder_hidden_states"
+TIME_IDS = "time_ids"  # SDXL: (original h, w, crop top, left, target h, w) per image
+TIMESTEP_COND = "timestep_cond"  # LCM: the guidance-scale embedding
 NOISE_PRED = "noise_pred"
 LATENTS = "latents"
 IMAGES = "images"
@@ -37,6 +42,7 @@ TIMESTEPS = "timesteps"
 INPUT_SCALES = "input_scales"
 COEFFS = "coeffs"
 GUIDANCE_SCALE = "guidance_scale"
+GUIDANCE_RESCALE = "guidance_rescale"
 STATE_OUT = "state_out"
 SAMPLE_OUT = "sample_out"
 TIMESTEP_OUT = "timestep_out"
@@ -53,7 +59,10 @@ VAE_DECODER = "vae_decoder"
 COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER)  # exported from the checkpoint
 STEP_GUIDED = "step"
 STEP_UNGUIDED = "step_unguided"
-STEP_GRAPHS = (STEP_GUIDED, STEP_UNGUIDED)  # generated
+STEP_RESCALED = "step_rescaled"  # guided, then guidance rescale (Lin et al. 2023, sec. 3.4)
+STEP_GRAPHS = (STEP_GUIDED, STEP_UNGUIDED, STEP_RESCALED)  # generated
+# Extra UNet inputs, in graph order after sample, timestep, encoder_hidden_states.
+UNET_CONDITIONING = (TEXT_EMBEDS, TIME_IDS, TIMESTEP_COND)
 
 
 @dataclass(frozen=True)
@@ -162,23 +171,45 @@ class ModelDims:
     latent_channels: int
     vae_scale_factor: int
     unet_downsample: int  # the UNet's total down factor: latent sizes must be multiples of it
-    text_hidden_size: int
+    text_hidden_size: int  # width of the text conditioning the UNet reads (SDXL: both encoders')
     max_text_length: int
+    text_encoders: int = 1  # SDXL: 2, run as one graph
+    pooled_size: int = 0  # SDXL: width of the pooled text embedding (the UNet's text_embeds)
+    time_ids_size: int = 0  # SDXL: 6 size-conditioning values per image
+    timestep_cond_size: int = 0  # LCM: width of the guidance-scale embedding
+
+    def __post_init__(self) -> None:
+        if self.text_encoders not in (1, 2) or (self.text_encoders == 2) != (self.pooled_size > 0):
+            raise ValueError(f"{self}: two text encoders come with a pooled embedding, one without")
 
     @property
     def size_multiple(self) -> int:
         """Image sizes must be multiples of this (VAE factor times UNet down factor)."""
         return self.vae_scale_factor * self.unet_downsample
 
+    @property
+    def cfg_batch(self) -> int:
+        """UNet rows per image: 2 with classifier-free guidance, 1 where guidance is embedded (LCM)."""
+        return 1 if self.timestep_cond_size else 2
+
+    def unet_conditioning(self) -> tuple[TensorSpec, ...]:
+        """The UNet inputs beyond sample, timestep and text: pooled text, size ids, guidance embedding."""
+        sizes = {TEXT_EMBEDS: self.pooled_size, TIME_IDS: self.time_ids_size, TIMESTEP_COND: self.timestep_cond_size}
+        return tuple(TensorSpec(name, "float32", (BATCH, sizes[name])) for name in UNET_CONDITIONING if sizes[name])
+
 
 def component_specs(m: ModelDims) -> dict[str, ComponentSpec]:
-    """The text encoder, UNet and VAE decoder specs of an SD1.x-style model."""
+    """The text encoder, UNet and VAE decoder specs of a model (SD1.x/2.x, SDXL, LCM by its dims)."""
+    ids = (INPUT_IDS, INPUT_IDS_2)[: m.text_encoders]
+    text = TensorSpec(LAST_HIDDEN_STATE if m.text_encoders == 1 else PROMPT_EMBEDS, "float32",
+                      (BATCH, SEQUENCE, m.text_hidden_size))
+    pooled = (TensorSpec(TEXT_EMBEDS, "float32", (BATCH, m.pooled_size)),) if m.pooled_size else ()
     text_encoder = ComponentSpec(
         name=TEXT_ENCODER,
-        inputs=(TensorSpec(INPUT_IDS, "int32", (BATCH, SEQUENCE)),),
-        outputs=(TensorSpec(LAST_HIDDEN_STATE, "float32", (BATCH, SEQUENCE, m.text_hidden_size)),),
+        inputs=tuple(TensorSpec(name, "int32", (BATCH, SEQUENCE)) for name in ids),
+        outputs=(text,) + pooled,
         tolerance=Tolerance(fp32=1e-3, fp16=5e-2),
-        batch_factor=2,  # unconditional and conditional prompts in one run
+        batch_factor=m.cfg_batch,  # unconditional and conditional prompts in one run
     )
     latent = (BATCH, m.latent_channels, LATENT_HEIGHT, LATENT_WIDTH)
     unet = ComponentSpec(
@@ -187,10 +218,10 @@ def component_specs(m: ModelDims) -> dict[str, ComponentSpec]:
             TensorSpec(SAMPLE, "float32", latent),
             TensorSpec(TIMESTEP, "float32", (1,)),
             TensorSpec(ENCODER_HIDDEN_STATES, "float32", (BATCH, SEQUENCE, m.text_hidden_size)),
-        ),
+        ) + m.unet_conditioning(),
         outputs=(TensorSpec(NOISE_PRED, "float32", latent),),
         tolerance=Tolerance(fp32=1e-3, fp16=5e-2),
-        batch_factor=2,  # the doubled classifier-free-guidance batch
+        batch_factor=m.cfg_batch,  # the doubled classifier-free-guidance batch
     )
     vae_decoder = ComponentSpec(
         name=VAE_DECODER,
@@ -202,8 +233,10 @@ def component_specs(m: ModelDims) -> dict[str, ComponentSpec]:
     return {s.name: s for s in (text_encoder, unet, vae_decoder)}
 
 
-def step_spec(m: ModelDims, state_size: int, guided: bool) -> ComponentSpec:
-    """The fused guidance + sampler-update graph after each UNet call (see engine/step_graph.py)."""
+def step_spec(m: ModelDims, state_size: int, guided: bool, rescaled: bool = False) -> ComponentSpec:
+    """The fused guidance (+ rescale) + sampler-update graph after each UNet call (see engine/step_graph.py)."""
+    if rescaled and not guided:
+        raise ValueError("guidance rescale needs the guided step graph")
     latent = (m.latent_channels, LATENT_HEIGHT, LATENT_WIDTH)
     unet_batch = UNET_BATCH if guided else BATCH
     state = (state_size, BATCH) + latent
@@ -215,14 +248,23 @@ def step_spec(m: ModelDims, state_size: int, guided: bool) -> ComponentSpec:
         TensorSpec(TIMESTEPS, "float32", (EVALUATIONS,)),
         TensorSpec(INPUT_SCALES, "float32", (EVALUATIONS,)),
         TensorSpec(COEFFS, "float32", (EVALUATIONS, state_size, state_size + 2)),
-    ) + ((TensorSpec(GUIDANCE_SCALE, "float32", (1,)),) if guided else ())
+    ) + ((TensorSpec(GUIDANCE_SCALE, "float32", (1,)),) if guided else ()) + (
+        (TensorSpec(GUIDANCE_RESCALE, "float32", (1,)),) if rescaled else ()
+    )
     outputs = (
         TensorSpec(STATE_OUT, "float32", state),
         TensorSpec(SAMPLE_OUT, "float32", (unet_batch,) + latent),
         TensorSpec(TIMESTEP_OUT, "float32", (1,)),
         TensorSpec(STEP_OUT, "int32", (1,)),
     )
-    return ComponentSpec(STEP_GUIDED if guided else STEP_UNGUIDED, inputs, outputs, Tolerance(fp32=1e-5, fp16=1e-5))
+    name = STEP_RESCALED if rescaled else STEP_GUIDED if guided else STEP_UNGUIDED
+    return ComponentSpec(name, inputs, outputs, Tolerance(fp32=1e-5, fp16=1e-5))
+
+
+def step_specs(m: ModelDims, state_size: int) -> dict[str, ComponentSpec]:
+    """Every generated step graph's spec, by name (STEP_GRAPHS)."""
+    specs = (step_spec(m, state_size, True), step_spec(m, state_size, False), step_spec(m, state_size, True, True))
+    return {s.name: s for s in specs}
 
 
 @dataclass(frozen=True)
@@ -264,3 +306,27 @@ def validate_build_ranges(min_size: int, max_size: int, max_batch: int, multiple
         raise ValueError(f"min-size {min_size} is larger than max-size {max_size}")
     if max_batch < 1:
         raise ValueError(f"max-batch {max_batch} must be at least 1")
+
+
+@dataclass(frozen=True)
+class FamilyDefaults:
+    """A model family's generation defaults: what `generate` uses where a request leaves them out."""
+
+    size: int  # image side in pixels (export records the checkpoint's own: UNet sample size x VAE factor)
+    steps: int
+    guidance_scale: float
+    scheduler: str | None  # a sampler name; None: the one matching the checkpoint's own scheduler
+    steps_range: tuple[int, int] = (1, MAX_EVALUATIONS)  # what the family is distilled for; outside: a warning
+
+
+FAMILY_DEFAULTS: Mapping[str, FamilyDefaults] = {
+    "sd1": FamilyDefaults(512, 30, 7.5, None),
+    "sd2": FamilyDefaults(768, 30, 7.5, None),  # 768 for the v-prediction models, 512 for the base
+    "sdxl": FamilyDefaults(1024, 30, 5.0, None),
+    # Adversarial diffusion distillation: 1-4 steps, no guidance, Euler ancestral on trailing timesteps.
+    "sd-turbo": FamilyDefaults(512, 1, 0.0, "euler_a", (1, 4)),
+    "sdxl-turbo": FamilyDefaults(512, 1, 0.0, "euler_a", (1, 4)),
+    # Latent consistency distillation: 2-8 steps, guidance embedded in the UNet (diffusers' defaults).
+    "lcm": FamilyDefaults(512, 4, 8.5, "lcm", (2, 8)),
+}
+FAMILIES: tuple[str, ...] = tuple(FAMILY_DEFAULTS)

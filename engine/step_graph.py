@@ -13,6 +13,7 @@ from onnx import TensorProto, helper
 
 from diffusion_engine.engine.specs import (
     COEFFS,
+    GUIDANCE_RESCALE,
     GUIDANCE_SCALE,
     INPUT_SCALES,
     NOISE,
@@ -39,15 +40,41 @@ def _const(name: str, values: list, dtype: int = TensorProto.INT64) -> onnx.Tens
     return helper.make_tensor(name, dtype, [len(values)], values)
 
 
-def _guidance(guided: bool) -> list[onnx.NodeProto]:
-    """m = uncond + g * (cond - uncond) over the [uncond; cond] batch, or m = noise_pred."""
+def _guidance(guided: bool, rescaled: bool) -> list[onnx.NodeProto]:
+    """m = uncond + g * (cond - uncond) over the [uncond; cond] batch (then rescaled), or m = noise_pred."""
     if not guided:
         return [helper.make_node("Identity", [NOISE_PRED], ["m"], name="unguided")]
     return [
         helper.make_node("Split", [NOISE_PRED], ["uncond", "cond"], name="split_cfg", axis=0),
         helper.make_node("Sub", ["cond", "uncond"], ["delta"], name="cfg_delta"),
         helper.make_node("Mul", ["delta", GUIDANCE_SCALE], ["scaled_delta"], name="cfg_scale"),
-        helper.make_node("Add", ["uncond", "scaled_delta"], ["m"], name="cfg"),
+        helper.make_node("Add", ["uncond", "scaled_delta"], ["cfg" if rescaled else "m"], name="cfg"),
+    ] + (_rescale() if rescaled else [])
+
+
+def _spread(x: str) -> list[onnx.NodeProto]:
+    """x_spread = sum over (C, H, W) of (x - mean)^2 per image, [B, 1, 1, 1]."""
+    n = helper.make_node
+    return [
+        n("ReduceMean", [x], [f"{x}_mean"], name=f"{x}_mean", axes=[1, 2, 3], keepdims=1),
+        n("Sub", [x, f"{x}_mean"], [f"{x}_centred"], name=f"{x}_centred"),
+        n("ReduceSumSquare", [f"{x}_centred"], [f"{x}_spread"], name=f"{x}_spread", axes=[1, 2, 3], keepdims=1),
+    ]
+
+
+def _rescale() -> list[onnx.NodeProto]:
+    """m = cfg * (1 + r * (std(cond) / std(cfg) - 1)): diffusers' rescale_noise_cfg, per image.
+
+    The std ratio is sqrt(spread(cond) / spread(cfg)): the 1 / (n - 1) of each std cancels.
+    """
+    n = helper.make_node
+    return _spread("cond") + _spread("cfg") + [
+        n("Div", ["cond_spread", "cfg_spread"], ["variance_ratio"], name="variance_ratio"),
+        n("Sqrt", ["variance_ratio"], ["std_ratio"], name="std_ratio"),
+        n("Sub", ["std_ratio", "one"], ["ratio_minus_one"], name="ratio_minus_one"),
+        n("Mul", ["ratio_minus_one", GUIDANCE_RESCALE], ["rescale_shift"], name="rescale_shift"),
+        n("Add", ["rescale_shift", "one"], ["rescale_factor"], name="rescale_factor"),
+        n("Mul", ["cfg", "rescale_factor"], ["m"], name="rescaled_cfg"),
     ]
 
 
@@ -94,14 +121,16 @@ def _next_inputs(guided: bool) -> list[onnx.NodeProto]:
 
 def build_step_graph(spec: ComponentSpec, guided: bool) -> onnx.ModelProto:
     """The step graph of `spec` (see engine.specs.step_spec), checked by onnx.checker."""
+    rescaled = GUIDANCE_RESCALE in {t.name for t in spec.inputs}
     inits = [
         _const("zero", [0]),
         _const("minus_one", [-1]),
         _const("one32", [1], TensorProto.INT32),
         helper.make_tensor("zero_index", TensorProto.INT32, [], [0]),
+        helper.make_tensor("one", TensorProto.FLOAT, [], [1.0]),
     ]
     graph = helper.make_graph(
-        _guidance(guided) + _update() + _next_inputs(guided), spec.name,
+        _guidance(guided, rescaled) + _update() + _next_inputs(guided), spec.name,
         _value_infos(spec.inputs), _value_infos(spec.outputs), initializer=inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", STEP_OPSET)],
@@ -121,6 +150,11 @@ def reference_step(feeds: dict, guided: bool) -> dict:
     if guided:
         uncond, cond = np.split(m, 2)
         m = uncond + f[GUIDANCE_SCALE][0] * (cond - uncond)
+    if GUIDANCE_RESCALE in f:  # rescale_noise_cfg (Lin et al. 2023, sec. 3.4)
+        axes = tuple(range(1, m.ndim))
+        ratio = np.std(cond, axis=axes, ddof=1, keepdims=True) / np.std(m, axis=axes, ddof=1, keepdims=True)
+        r = f[GUIDANCE_RESCALE][0]
+        m = r * m * ratio + (1 - r) * m
     fresh = f[NOISE][min(step, len(f[NOISE]) - 1)]
     stack = np.concatenate([f[STATE], m[None], fresh[None]])
     state = np.tensordot(f[COEFFS][step], stack, axes=1)

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from diffusion_engine.engine.specs import ModelDims
+from diffusion_engine.engine.specs import FAMILY_DEFAULTS, ModelDims
 from diffusion_engine.export.errors import CheckpointError
+from diffusion_engine.export.families import SCHEDULER_REQUIREMENTS, detect_family
 
 logger = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+SIZE_IDS = 6  # SDXL's time_ids: original size, crop top-left, target size
 
 
 @dataclass
@@ -26,14 +28,21 @@ class Checkpoint:
     source: str
     kind: str  # "diffusers-folder", "hub", "single-file"
     family: str
-    pipeline: Any  # diffusers.StableDiffusionPipeline
+    pipeline: Any  # a diffusers StableDiffusion(XL)Pipeline or LatentConsistencyModelPipeline
     digest: str
 
     @property
     def scheduler_config(self) -> dict[str, Any]:
+        """The checkpoint's scheduler config, with what its family requires (turbo: trailing timesteps)."""
         cfg = dict(self.pipeline.scheduler.config)
         cfg["_class_name"] = type(self.pipeline.scheduler).__name__
-        return {k: v for k, v in cfg.items() if not k.startswith("_") or k == "_class_name"}
+        cfg = {k: v for k, v in cfg.items() if not k.startswith("_") or k == "_class_name"}
+        for key, value in SCHEDULER_REQUIREMENTS.get(self.family, {}).items():
+            if cfg.get(key) != value:
+                logger.warning("%s: scheduler %s=%r set to %r, as %s needs",
+                               self.source, key, cfg.get(key), value, self.family)
+                cfg[key] = value
+        return cfg
 
     @property
     def prediction_type(self) -> str:
@@ -41,28 +50,78 @@ class Checkpoint:
 
     @property
     def dims(self) -> ModelDims:
-        p = self.pipeline
-        return ModelDims(
-            latent_channels=p.unet.config.in_channels,
-            vae_scale_factor=2 ** (len(p.vae.config.block_out_channels) - 1),
-            unet_downsample=2 ** (len(p.unet.config.down_block_types) - 1),
-            text_hidden_size=p.text_encoder.config.hidden_size,
-            max_text_length=p.tokenizer.model_max_length,
+        return model_dims(self.pipeline)
+
+    @property
+    def native_size(self) -> int:
+        """The image side the UNet was trained at (what diffusers' pipelines default to)."""
+        sample = self.pipeline.unet.config.sample_size
+        side = sample if isinstance(sample, int) else None
+        return side * self.dims.vae_scale_factor if side else FAMILY_DEFAULTS[self.family].size
+
+    @property
+    def force_zeros_for_empty_prompt(self) -> bool:
+        return bool(getattr(self.pipeline.config, "force_zeros_for_empty_prompt", False))
+
+
+def model_dims(pipe: Any) -> ModelDims:
+    """The numbers the component specs need, read from a diffusers pipeline's configs."""
+    unet = pipe.unet.config
+    encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
+    pooled = int(encoders[1].config.projection_dim) if len(encoders) == 2 else 0
+    dims = ModelDims(
+        latent_channels=unet.in_channels,
+        vae_scale_factor=2 ** (len(pipe.vae.config.block_out_channels) - 1),
+        unet_downsample=2 ** (len(unet.down_block_types) - 1),
+        text_hidden_size=sum(int(e.config.hidden_size) for e in encoders),
+        max_text_length=pipe.tokenizer.model_max_length,
+        text_encoders=len(encoders),
+        pooled_size=pooled,
+        time_ids_size=SIZE_IDS if unet.get("addition_embed_type") == "text_time" else 0,
+        timestep_cond_size=int(unet.get("time_cond_proj_dim") or 0),
+    )
+    _check_dims(pipe, dims)
+    return dims
+
+
+def _check_dims(pipe: Any, dims: ModelDims) -> None:
+    """The text widths must be what the UNet reads (as diffusers' SDXL pipeline checks)."""
+    unet = pipe.unet.config
+    if isinstance(unet.cross_attention_dim, int) and unet.cross_attention_dim != dims.text_hidden_size:
+        raise CheckpointError(
+            f"the text encoders give {dims.text_hidden_size} features, "
+            f"the UNet's cross_attention_dim is {unet.cross_attention_dim}"
+        )
+    if dims.time_ids_size:
+        given = unet.addition_time_embed_dim * dims.time_ids_size + dims.pooled_size
+        expected = pipe.unet.add_embedding.linear_1.in_features
+        if given != expected:
+            raise CheckpointError(
+                f"the UNet's added embedding takes {expected} features; time ids and pooled text give {given}"
+            )
+    tokenizer_2 = getattr(pipe, "tokenizer_2", None)
+    if tokenizer_2 is not None and tokenizer_2.model_max_length != dims.max_text_length:
+        raise CheckpointError(
+            f"the tokenizers' lengths differ: {dims.max_text_length} and {tokenizer_2.model_max_length}"
         )
 
 
-def load_checkpoint(source: str, config: str | None = None) -> Checkpoint:
-    """Load a diffusers folder, a hub id (downloaded with diffusers) or a single-file checkpoint."""
+def load_checkpoint(source: str, config: str | None = None, family: str | None = None) -> Checkpoint:
+    """Load a diffusers folder, a hub id (downloaded with diffusers) or a single-file checkpoint.
+
+    `family` overrides the detected family within the checkpoint's architecture (export/families.py).
+    """
     path = Path(source).expanduser()
     if path.is_dir():
-        return _from_folder(path, source, "diffusers-folder")
+        return _from_folder(path, source, "diffusers-folder", family)
     if path.is_file():
         from diffusion_engine.export.single_file import load_single_file
 
         pipe = load_single_file(path, config=config)
-        return Checkpoint(str(path), "single-file", _family(pipe, path), pipe, file_digest([path]))
+        detected = _family(pipe, path, family)
+        return Checkpoint(str(path), "single-file", detected, pipe, file_digest([path]))
     if _HUB_ID.match(source) and not source.startswith((".", "~")):
-        return _from_folder(_download(source), source, "hub")
+        return _from_folder(_download(source), source, "hub", family)
     raise CheckpointError(f"{source}: no such file or folder, and not a hub id of the form 'org/name'")
 
 
@@ -79,26 +138,49 @@ def _download(repo_id: str) -> Path:
         ) from exc
 
 
-def _from_folder(path: Path, source: str, kind: str) -> Checkpoint:
+def _from_folder(path: Path, source: str, kind: str, family: str | None) -> Checkpoint:
+    """Detect the family from the configs (refusing before any weights load), then load the pipeline."""
     index = path / "model_index.json"
     if not index.is_file():
         raise CheckpointError(f"{path} is not a diffusers checkpoint: it has no model_index.json")
+    components = _read_json(index)
+    detected = detect_family(str(path), components, _component_configs(path), source, family)
     from diffusers import DiffusionPipeline
 
+    skipped = {"safety_checker": None} if "safety_checker" in components else {}  # never exported
     try:
-        pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, safety_checker=None)
+        pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, **skipped)
     except Exception as exc:
         raise CheckpointError(f"{path}: could not load the checkpoint ({type(exc).__name__}: {exc})") from exc
     weights = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
-    return Checkpoint(str(path), kind, _family(pipe, path), pipe, file_digest(weights, root=path))
+    return Checkpoint(str(path), kind, detected, pipe, file_digest(weights, root=path))
 
 
-def _family(pipe: Any, path: Path) -> str:
-    """The model family: sd1 or sd2 for a StableDiffusionPipeline; anything else is refused."""
-    name = type(pipe).__name__
-    if name not in SUPPORTED_PIPELINES:
-        raise CheckpointError(f"{path}: {name} checkpoints are not supported; supported: {', '.join(SUPPORTED_PIPELINES)}")
-    return "sd2" if pipe.unet.config.cross_attention_dim == 1024 else "sd1"
+def _component_configs(path: Path) -> dict[str, dict[str, Any]]:
+    """The unet, text_encoder and scheduler configs of a diffusers folder ({} where absent)."""
+    files = {"unet": "unet/config.json", "text_encoder": "text_encoder/config.json",
+             "scheduler": "scheduler/scheduler_config.json"}
+    return {name: _read_json(path / f) if (path / f).is_file() else {} for name, f in files.items()}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable config ({exc})") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: a config must be a JSON object")
+    return data
+
+
+def _family(pipe: Any, path: Path, family: str | None) -> str:
+    """The family of an already loaded pipeline (single files), by the same rule as for folders."""
+    index = {"_class_name": type(pipe).__name__, "text_encoder": ["transformers", type(pipe.text_encoder).__name__]}
+    configs = {
+        "unet": dict(pipe.unet.config), "text_encoder": pipe.text_encoder.config.to_dict(),
+        "scheduler": {**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__},
+    }
+    return detect_family(str(path), index, configs, path.name, family)
 
 
 def file_digest(files: list[Path], root: Path | None = None) -> str:

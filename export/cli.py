@@ -9,7 +9,7 @@ import time
 
 from tqdm import tqdm
 
-from diffusion_engine.engine.specs import BuildRanges, validate_build_ranges
+from diffusion_engine.engine.specs import FAMILIES, BuildRanges, validate_build_ranges
 
 STAGES = ("load checkpoint", "tokenizer", "text_encoder", "unet", "vae_decoder", "step graphs")
 
@@ -23,6 +23,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-size", type=int, default=1024, help="largest image side in pixels (default 1024)")
     p.add_argument("--max-batch", type=int, default=4, help="most images per call (default 4)")
     p.add_argument("--no-fp16", action="store_true", help="skip the fp16 graphs (CPU-only engines)")
+    p.add_argument("--family", choices=FAMILIES,
+                   help="override the detected model family (within the checkpoint's architecture), e.g. sd-turbo")
+    p.add_argument("--fp16-vae", action="store_true",
+                   help="the VAE is fp16-safe (an fp16-fix VAE): its GPU graph is fp16 even where the config says force_upcast")
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
@@ -65,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     from diffusion_engine.export.exporter import ExportOptions, export_engine
 
     _quiet_libraries()
-    options = ExportOptions(BuildRanges(args.min_size, args.max_size, args.max_batch), fp16=not args.no_fp16, overwrite=args.overwrite)
+    options = ExportOptions(
+        BuildRanges(args.min_size, args.max_size, args.max_batch), fp16=not args.no_fp16, overwrite=args.overwrite,
+        family=args.family, fp16_vae=args.fp16_vae,
+    )
     start = time.perf_counter()
     with tqdm(total=len(STAGES), unit="stage", file=sys.stderr) as bar:
         def progress(stage: str) -> None:

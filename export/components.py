@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import math
@@ -14,11 +15,16 @@ import onnx
 import torch
 
 from diffusion_engine.engine.specs import (
+    TEXT_EMBEDS,
     TEXT_ENCODER,
+    TIME_IDS,
+    TIMESTEP,
+    TIMESTEP_COND,
     UNET,
     VAE_DECODER,
     AxisRange,
     ComponentSpec,
+    component_specs,
 )
 
 logger = logging.getLogger(__name__)
@@ -38,15 +44,47 @@ class TextEncoder(torch.nn.Module):
         return self.text_encoder(input_ids.long(), return_dict=False)[0]
 
 
-class UNet(torch.nn.Module):
-    """Conditional UNet: (sample, timestep[1], encoder_hidden_states) -> noise prediction."""
+class SdxlTextEncoders(torch.nn.Module):
+    """SDXL's two CLIP encoders as diffusers' encode_prompt uses them, in one graph.
 
-    def __init__(self, unet: torch.nn.Module):
+    (input_ids, input_ids_2) -> (penultimate hidden states of both, concatenated; the second's
+    pooled projection).
+    """
+
+    def __init__(self, text_encoder: torch.nn.Module, text_encoder_2: torch.nn.Module):
+        super().__init__()
+        self.text_encoder = text_encoder
+        self.text_encoder_2 = text_encoder_2
+
+    def forward(self, input_ids: torch.Tensor, input_ids_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        first = self.text_encoder(input_ids.long(), output_hidden_states=True)
+        second = self.text_encoder_2(input_ids_2.long(), output_hidden_states=True)
+        prompt_embeds = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        return prompt_embeds, second.text_embeds
+
+
+class UNet(torch.nn.Module):
+    """Conditional UNet: (sample, timestep[1], encoder_hidden_states, *conditioning) -> noise prediction.
+
+    `conditioning` are the spec's extra inputs, by name: SDXL's text_embeds and time_ids (the added
+    embedding), LCM's timestep_cond (the guidance embedding).
+    """
+
+    def __init__(self, unet: torch.nn.Module, conditioning: tuple[str, ...] = ()):
         super().__init__()
         self.unet = unet
+        self.conditioning = conditioning
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+        *conditioning: torch.Tensor,
+    ) -> torch.Tensor:
+        named = dict(zip(self.conditioning, conditioning))
+        added = {k: named[k] for k in (TEXT_EMBEDS, TIME_IDS) if k in named}
+        return self.unet(
+            sample, timestep, encoder_hidden_states, timestep_cond=named.get(TIMESTEP_COND),
+            added_cond_kwargs=added or None, return_dict=False,
+        )[0]
 
 
 class VaeDecoder(torch.nn.Module):
@@ -55,20 +93,32 @@ class VaeDecoder(torch.nn.Module):
     def __init__(self, vae: torch.nn.Module):
         super().__init__()
         self.vae = vae
-        self.inv_scale = 1.0 / vae.config.scaling_factor
-        self.shift = getattr(vae.config, "shift_factor", None) or 0.0
+        c = vae.config
+        # Latents to the VAE's own space: x / scaling_factor + shift, or per channel x * std / scaling_factor
+        # + mean where the VAE has latent statistics (as diffusers' SDXL pipeline decodes).
+        self.scale: float | torch.Tensor = 1.0 / c.scaling_factor
+        self.shift: float | torch.Tensor = getattr(c, "shift_factor", None) or 0.0
+        if getattr(c, "latents_mean", None) is not None and getattr(c, "latents_std", None) is not None:
+            self.scale = torch.tensor(c.latents_std).view(1, -1, 1, 1) / c.scaling_factor
+            self.shift = torch.tensor(c.latents_mean).view(1, -1, 1, 1)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        x = self.vae.decode(latents * self.inv_scale + self.shift, return_dict=False)[0]
-        x = ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-        return x.permute(0, 2, 3, 1)
+        x = self.vae.decode(latents * self.scale + self.shift, return_dict=False)[0]
+        x = ((x / 2 + 0.5).clamp(0, 1) * 255).round().permute(0, 2, 3, 1)
+        # The cast is the last op: TensorRT allows UINT8 only as a network input or output.
+        return x.to(torch.uint8)
 
 
 def wrap(name: str, pipe: Any) -> torch.nn.Module:
     """The export wrapper of one component of a diffusers pipeline, in eval mode, fp32."""
+    from diffusion_engine.export.checkpoint import model_dims
+
+    spec = component_specs(model_dims(pipe))[name]
+    second = getattr(pipe, "text_encoder_2", None)
     modules = {
-        TEXT_ENCODER: lambda: TextEncoder(pipe.text_encoder),
-        UNET: lambda: UNet(pipe.unet),
+        TEXT_ENCODER: lambda: TextEncoder(pipe.text_encoder) if second is None else SdxlTextEncoders(
+            pipe.text_encoder, second),
+        UNET: lambda: UNet(pipe.unet, tuple(t.name for t in spec.inputs[3:])),
         VAE_DECODER: lambda: VaeDecoder(pipe.vae),
     }
     return modules[name]().eval().float()
@@ -82,7 +132,7 @@ def example_feeds(spec: ComponentSpec, dims: Mapping[str, int], seed: int = 0) -
         shape = t.shape(dims)
         if t.dtype == "int32":
             feeds[t.name] = rng.integers(0, dims.get("vocab_size", 256), size=shape, dtype=np.int32)
-        elif t.name == "timestep":
+        elif t.name in (TIMESTEP, TIME_IDS):  # timesteps in [0, 1000); sizes and crops of that order
             feeds[t.name] = rng.uniform(0, 1000, size=shape).astype(np.float32)
         else:
             feeds[t.name] = rng.standard_normal(shape, dtype=np.float32)
@@ -90,12 +140,15 @@ def example_feeds(spec: ComponentSpec, dims: Mapping[str, int], seed: int = 0) -
 
 
 def export_dims(ranges: Mapping[str, AxisRange], batch: int = 2) -> dict[str, int]:
-    """Trace-time axis values: batch >= 2 and pairwise distinct so no axis is specialised."""
+    """Trace-time axis values: batch >= 2 and pairwise distinct so no axis is specialised.
+
+    An axis whose range is one value (batch 1 without guidance) is static: it takes that value.
+    """
     dims: dict[str, int] = {}
     used = {batch}
     for axis, r in ranges.items():
         if axis == "batch":
-            dims[axis] = batch
+            dims[axis] = min(batch, r.max)
             continue
         value = r.max if axis == "sequence" else r.min
         while value in used and value + r.multiple <= r.max:
@@ -105,15 +158,26 @@ def export_dims(ranges: Mapping[str, AxisRange], batch: int = 2) -> dict[str, in
     return dims
 
 
-def _dynamic_shapes(spec: ComponentSpec, ranges: Mapping[str, AxisRange]) -> dict[str, dict[int, Any]]:
+def _dynamic_shapes(spec: ComponentSpec, ranges: Mapping[str, AxisRange], module: torch.nn.Module) -> dict[str, Any]:
+    """torch.export's dynamic shapes keyed by the wrapper's parameters (a *varargs one takes a tuple)."""
     dim_objs: dict[str, Any] = {}
     for axis, r in ranges.items():
+        if r.min == r.max:
+            continue  # one value: a static axis (torch.export has no single-valued Dim)
         if r.multiple > 1:
             base = torch.export.Dim(f"{axis}_div", min=math.ceil(r.min / r.multiple), max=r.max // r.multiple)
             dim_objs[axis] = r.multiple * base
         else:
             dim_objs[axis] = torch.export.Dim(axis, min=r.min, max=r.max)
-    return {t.name: {i: dim_objs[a] for i, a in t.dynamic_axes().items()} for t in spec.inputs}
+    per_input = [{i: dim_objs[a] for i, a in t.dynamic_axes().items() if a in dim_objs} for t in spec.inputs]
+    shapes: dict[str, Any] = {}
+    for k, param in enumerate(inspect.signature(module.forward).parameters.values()):
+        if param.kind is param.VAR_POSITIONAL:
+            if per_input[k:]:  # torch.export wants no key for empty varargs
+                shapes[param.name] = tuple(per_input[k:])
+            break
+        shapes[param.name] = per_input[k]
+    return shapes
 
 
 def export_component(
@@ -128,7 +192,7 @@ def export_component(
         program = torch.onnx.export(
             module, args, dynamo=True, opset_version=OPSET, optimize=True, verbose=False,
             input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
-            dynamic_shapes=_dynamic_shapes(spec, ranges),
+            dynamic_shapes=_dynamic_shapes(spec, ranges, module),
         )
     logger.debug("torch.onnx output for %s:\n%s", spec.name, log.getvalue())
     model = program.model_proto

@@ -15,34 +15,44 @@ import onnx
 from diffusion_engine.engine.manifest import MANIFEST, ComponentEntry, Manifest, atomic_directory, write_atomic
 from diffusion_engine.engine.specs import (
     COMPONENTS,
+    FAMILY_DEFAULTS,
     STEP,
+    STEP_GUIDED,
+    STEP_RESCALED,
+    STEP_UNGUIDED,
+    TIME_IDS,
     TIMESTEP,
+    TIMESTEP_COND,
+    VAE_DECODER,
     BuildRanges,
     ComponentSpec,
     ModelDims,
     component_specs,
-    step_spec,
+    step_specs,
 )
 from diffusion_engine.engine.step_graph import build_step_graph, reference_step
-from diffusion_engine.runtime.samplers import STATE_SIZE
+from diffusion_engine.runtime.samplers import STATE_SIZE, default_sampler
 from diffusion_engine.export import components, fp16, validate
 from diffusion_engine.export.checkpoint import Checkpoint, load_checkpoint
-from diffusion_engine.export.tokenizer import save_tokenizer
+from diffusion_engine.export.tokenizer import TOKENIZER_2_FILE, TOKENIZER_FILE, save_tokenizer
 
 logger = logging.getLogger(__name__)
 
 TOOLS = ("torch", "diffusers", "transformers", "onnx", "onnxscript", "onnxruntime")
-# Inputs whose subgraphs stay fp32: t * freq near t = 1000 is not resolvable in fp16.
-FP32_INPUTS = (TIMESTEP,)
+# Inputs whose subgraphs stay fp32: t * freq near t = 1000 (and SDXL's size ids up to ~1000) is not
+# resolvable in fp16; LCM's guidance embedding joins the timestep embedding, which stays fp32 whole.
+FP32_INPUTS = (TIMESTEP, TIME_IDS, TIMESTEP_COND)
 
 
 @dataclass(frozen=True)
 class ExportOptions:
-    """What to build: image size and batch ranges, and whether to make fp16 graphs."""
+    """What to build: size and batch ranges, fp16 graphs, the family (None: detected), an fp16-safe VAE."""
 
     ranges: BuildRanges = field(default_factory=BuildRanges)
     fp16: bool = True
     overwrite: bool = False
+    family: str | None = None
+    fp16_vae: bool = False  # the VAE is an fp16-fix VAE: its GPU graph may be fp16 (SDXL)
 
 
 @dataclass(frozen=True)
@@ -66,30 +76,52 @@ def export_engine(
 ) -> tuple[Manifest, list[ComponentReport]]:
     """Load `source`, export every component, validate it, and write the engine directory atomically."""
     progress("load checkpoint")
-    ckpt = load_checkpoint(source, config=config)
+    ckpt = load_checkpoint(source, config=config, family=options.family)
     dims = ckpt.dims
     check_ranges(options.ranges, dims)
     specs = component_specs(dims)
     with atomic_directory(out, overwrite=options.overwrite) as tmp:
         progress("tokenizer")
-        tokenizer = save_tokenizer(ckpt.pipeline.tokenizer, tmp)
+        tokenizer = save_tokenizer(ckpt.pipeline.tokenizer, tmp, TOKENIZER_FILE)
+        second = getattr(ckpt.pipeline, "tokenizer_2", None)
+        tokenizer_2 = save_tokenizer(second, tmp, TOKENIZER_2_FILE) if dims.text_encoders == 2 else None
         entries, reports = {}, []
         for name in COMPONENTS:
             progress(name)
-            entries[name], report = export_one(ckpt, specs[name], options, tmp)
+            entries[name], report = export_one(ckpt, specs[name], options, tmp, fp32_reason(ckpt, name, options))
             reports.append(report)
         progress("step graphs")
-        for guided in (True, False):
-            spec = step_spec(dims, STATE_SIZE, guided)
-            entries[spec.name] = export_step_graph(spec, guided, options.ranges.axis_ranges(spec, dims), tmp)
+        for name, spec in step_specs(dims, STATE_SIZE).items():
+            entries[name] = export_step_graph(spec, name != STEP_UNGUIDED, options.ranges.axis_ranges(spec, dims), tmp)
         manifest = Manifest(
             family=ckpt.family, prediction_type=ckpt.prediction_type, dims=dims, build=options.ranges,
             scheduler_config=ckpt.scheduler_config, tokenizer=tokenizer, components=entries,
             source={"checkpoint": ckpt.source, "kind": ckpt.kind, "digest": ckpt.digest},
-            tool_versions=tool_versions(),
+            tool_versions=tool_versions(), defaults=generation_defaults(ckpt), tokenizer_2=tokenizer_2,
+            force_zeros_for_empty_prompt=ckpt.force_zeros_for_empty_prompt,
         )
         write_atomic(tmp / MANIFEST, manifest.to_json())  # written last: its presence marks a complete export
     return manifest, reports
+
+
+def generation_defaults(ckpt: Checkpoint) -> dict:
+    """The family's defaults, with the checkpoint's own image size and scheduler where it has none."""
+    d = FAMILY_DEFAULTS[ckpt.family]
+    return {
+        "size": ckpt.native_size, "steps": d.steps, "guidance_scale": d.guidance_scale,
+        "scheduler": d.scheduler or default_sampler(ckpt.scheduler_config), "steps_range": list(d.steps_range),
+    }
+
+
+def fp32_reason(ckpt: Checkpoint, name: str, options: ExportOptions) -> str | None:
+    """Why a component's GPU graph must stay fp32 whatever its fp16 check says, or None."""
+    vae = ckpt.pipeline.vae.config
+    sdxl_vae = name == VAE_DECODER and ckpt.dims.text_encoders == 2
+    if sdxl_vae and vae.get("force_upcast", True) and not options.fp16_vae:
+        # diffusers' SDXL pipelines upcast this VAE for the same reason: its activations overflow fp16.
+        return ("the SDXL VAE has force_upcast=True (it overflows fp16 on real latents); "
+                "export an fp16-fix VAE or pass --fp16-vae")
+    return None
 
 
 def check_ranges(ranges: BuildRanges, dims: ModelDims) -> None:
@@ -103,8 +135,14 @@ def check_ranges(ranges: BuildRanges, dims: ModelDims) -> None:
             )
 
 
-def export_one(ckpt: Checkpoint, spec: ComponentSpec, options: ExportOptions, out: Path) -> tuple[ComponentEntry, ComponentReport]:
-    """Export, convert and validate one component; return its manifest entry and report row."""
+def export_one(
+    ckpt: Checkpoint, spec: ComponentSpec, options: ExportOptions, out: Path, keep_fp32: str | None = None,
+) -> tuple[ComponentEntry, ComponentReport]:
+    """Export, convert and validate one component; return its manifest entry and report row.
+
+    With `keep_fp32` (the reason) the GPU runs the fp32 graph whatever the fp16 check says, so a
+    failed fp16 check is recorded (and that graph dropped) instead of failing the export.
+    """
     start = time.perf_counter()
     module = components.wrap(spec.name, ckpt.pipeline)
     ranges = options.ranges.axis_ranges(spec, ckpt.dims)
@@ -116,10 +154,19 @@ def export_one(ckpt: Checkpoint, spec: ComponentSpec, options: ExportOptions, ou
         half, kept = fp16.to_fp16(_with_shapes(out / files["fp32"]), FP32_INPUTS)
         components.save_model(half, out / files["fp16"])
         if kept:
-            notes.append(f"fp16 graph keeps {len(kept)} nodes fed only by constants, shapes or {', '.join(FP32_INPUTS)} in fp32")
-    parity = validate_component(module, spec, ranges, {p: out / f for p, f in files.items()}, _vocab(ckpt))
+            sources = ["constants", "shapes"] + [t.name for t in spec.inputs if t.name in FP32_INPUTS]
+            fed_by = ", ".join(sources[:-1]) + " or " + sources[-1]
+            notes.append(f"fp16 graph keeps {len(kept)} nodes fed only by {fed_by} in fp32")
+    paths = {p: out / f for p, f in files.items()}
+    parity, failure = validate_component(module, spec, ranges, paths, _vocab(ckpt), fp16_optional=keep_fp32 is not None)
+    if failure is not None:
+        (out / files.pop("fp16")).unlink()
+        notes.append(f"no fp16 graph: it failed its CPU check ({failure})")
+    if keep_fp32:
+        passed = "; its fp16 graph passes the CPU check at the export shapes and is kept" if "fp16" in files else ""
+        notes.append(f"GPU precision fp32: {keep_fp32}{passed}")
     entry = ComponentEntry.from_spec(
-        spec, ranges, files=files, gpu_precision="fp16" if options.fp16 else "fp32",
+        spec, ranges, files=files, gpu_precision="fp16" if "fp16" in files and not keep_fp32 else "fp32",
         parameters=sum(p.numel() for p in module.parameters()),
         parity={p: [r.as_dict() for r in rs] for p, rs in parity.items()}, notes=notes,
     )
@@ -146,20 +193,39 @@ def export_step_graph(spec: ComponentSpec, guided: bool, ranges, out: Path) -> C
         results.append(validate.check(spec, "fp32", session, feeds, ref, dims).as_dict())
     return ComponentEntry.from_spec(
         spec, ranges, files=files, gpu_precision="fp32", parameters=0, parity={"fp32": results},
-        notes=["generated: classifier-free guidance + sampler update" if guided else "generated: sampler update"],
+        notes=[f"generated: {' + '.join(_STEP_PARTS[spec.name])}"],
     )
 
 
-def validate_component(module, spec: ComponentSpec, ranges, paths: dict[str, Path], vocab: int) -> dict[str, list[validate.Parity]]:
-    """Every graph against PyTorch at two shapes (non-square batch 1; batch 2); raises on failure."""
+_STEP_PARTS = {
+    STEP_GUIDED: ("classifier-free guidance", "sampler update"),
+    STEP_UNGUIDED: ("sampler update",),
+    STEP_RESCALED: ("classifier-free guidance", "guidance rescale", "sampler update"),
+}
+
+
+def validate_component(
+    module, spec: ComponentSpec, ranges, paths: dict[str, Path], vocab: int, fp16_optional: bool = False,
+) -> tuple[dict[str, list[validate.Parity]], validate.ParityError | None]:
+    """Every graph against PyTorch at two shapes (non-square batch 1; batch 2); raises on failure.
+
+    With `fp16_optional` an fp16 failure is returned (and that graph's results dropped) instead.
+    """
     sessions = {p: validate.cpu_session(path) for p, path in paths.items()}
     results: dict[str, list[validate.Parity]] = {p: [] for p in paths}
+    failure = None
     for i, dims in enumerate(validate.parity_dims(ranges)):
         feeds = components.example_feeds(spec, {**dims, "vocab_size": vocab}, seed=i + 1)
         ref = validate.torch_outputs(module, spec, feeds)
-        for precision, session in sessions.items():
-            results[precision].append(validate.check(spec, precision, session, feeds, ref, dims))
-    return results
+        for precision, session in list(sessions.items()):
+            try:
+                results[precision].append(validate.check(spec, precision, session, feeds, ref, dims))
+            except validate.ParityError as exc:
+                if precision != "fp16" or not fp16_optional:
+                    raise
+                failure = exc
+                del sessions[precision], results[precision]
+    return results, failure
 
 
 def _with_shapes(path: Path) -> onnx.ModelProto:

@@ -1,4 +1,4 @@
-"""Tiny SD1.x-architecture checkpoints built in code from a seed, for tests and the demo."""
+"""Tiny checkpoints of every supported family (SD1.x, SD2.x, SDXL, Turbo, LCM) built in code from a seed."""
 
 from __future__ import annotations
 
@@ -104,37 +104,165 @@ def build_tiny_sd1(out_dir: str | os.PathLike, seed: int = 0, overwrite: bool = 
     from diffusers import StableDiffusionPipeline
 
     out = Path(out_dir)
-    if out.exists():
-        if not overwrite:
-            if (out / "model_index.json").is_file():
-                return out
-            raise FileExistsError(f"{out} exists and is not a checkpoint; pass overwrite=True")
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if _existing(out, overwrite):
+        return out
     text_encoder, tokenizer, unet, vae, scheduler = _tiny_components(seed)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
+    _save_atomically(pipe, out, {"builder": "diffusion_engine.export.tiny.build_tiny_sd1", "seed": seed})
+    logger.info("wrote tiny SD1 checkpoint (seed %d) to %s", seed, out)
+    return out
+
+
+def _existing(out: Path, overwrite: bool) -> bool:
+    """True if out already holds a checkpoint to reuse; clears it when overwriting."""
+    if out.exists():
+        if not overwrite:
+            if (out / "model_index.json").is_file():
+                return True
+            raise FileExistsError(f"{out} exists and is not a checkpoint; pass overwrite=True")
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return False
+
+
+def _save_atomically(pipe, out: Path, info: dict) -> None:
+    """save_pretrained under a temporary name beside out, then rename it into place."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        info = {"builder": "diffusion_engine.export.tiny.build_tiny_sd1", "seed": seed}
         (tmp / "tiny_checkpoint.json").write_text(json.dumps(info, indent=2) + "\n")
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("wrote tiny SD1 checkpoint (seed %d) to %s", seed, out)
+
+
+# What real checkpoints' scheduler configs carry, whatever their class (diffusers keeps foreign keys).
+_SD_SCHEDULER = {
+    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+    "clip_sample": False, "set_alpha_to_one": False,
+}
+# The tiny checkpoints of the other families: each is its family's architecture at toy width, with
+# the scheduler set-up the family's detection rule (export/families.py) and its model card expect.
+_TINY_SCHEDULERS = {
+    # SD 2.1-style zero-terminal-SNR v-prediction fine-tune (Lin et al. 2023): trailing timesteps.
+    "sd2": ("DDIMScheduler", {"prediction_type": "v_prediction", "timestep_spacing": "trailing",
+                              "rescale_betas_zero_snr": True, "steps_offset": 1}),
+    "sdxl": ("EulerDiscreteScheduler", {"timestep_spacing": "leading", "steps_offset": 1}),
+    "sd-turbo": ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing", "steps_offset": 1}),
+    "sdxl-turbo": ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing", "steps_offset": 1}),
+    "lcm": ("LCMScheduler", {"original_inference_steps": 50, "set_alpha_to_one": True, "steps_offset": 1}),
+}
+TINY_FAMILIES = ("sd1",) + tuple(_TINY_SCHEDULERS)
+
+
+def _tiny_tokenizer(pad_token: str | None = None):
+    from transformers import CLIPTokenizer
+
+    vocab, merges = tiny_clip_vocab()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, **({"pad_token": pad_token} if pad_token else {}))
+    tokenizer.model_max_length = 77
+    return tokenizer
+
+
+def _tiny_text_encoder(seed: int, hidden_act: str, projection: bool = False):
+    """A 2-layer CLIP text encoder (with a text projection: SDXL's second encoder)."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    vocab, _ = tiny_clip_vocab()
+    config = CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=TINY_TEXT_HIDDEN, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"], hidden_act=hidden_act,
+        projection_dim=TINY_TEXT_HIDDEN,
+    )
+    torch.manual_seed(seed)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def _tiny_unet(seed: int, family: str):
+    """One cross-attention block, no mid block (quick to export), with the family's extra inputs."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    xl = family in ("sdxl", "sdxl-turbo")
+    extra: dict = {}
+    if xl:  # the added embedding: pooled text (32) + 6 size ids x 8 sinusoidal features
+        extra = {"addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+                 "projection_class_embeddings_input_dim": TINY_TEXT_HIDDEN + 6 * 8}
+    if family == "lcm":
+        extra = {"time_cond_proj_dim": TINY_TEXT_HIDDEN}
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32,),
+        norm_num_groups=16, down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
+        mid_block_type=None, cross_attention_dim=TINY_TEXT_HIDDEN * (2 if xl else 1), attention_head_dim=8,
+        use_linear_projection=family != "lcm", **extra,
+    )
+
+
+def _tiny_vae(seed: int, family: str):
+    """Four one-resnet blocks (VAE factor 8), no attention; SDXL's scaling factor for the SDXL families."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8, block_out_channels=(8, 8, 8, 8),
+        layers_per_block=0, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        mid_block_add_attention=False, sample_size=256,
+        scaling_factor=0.13025 if family.startswith("sdxl") else 0.18215,
+    )
+
+
+def _tiny_pipeline(family: str, seed: int):
+    """The diffusers pipeline of a tiny checkpoint of `family` (not sd1: see _tiny_components)."""
+    import diffusers
+
+    cls_name, options = _TINY_SCHEDULERS[family]
+    scheduler = getattr(diffusers, cls_name).from_config({**_SD_SCHEDULER, **options})
+    parts = {"unet": _tiny_unet(seed + 1, family), "vae": _tiny_vae(seed + 2, family), "scheduler": scheduler}
+    if family.startswith("sdxl"):
+        return diffusers.StableDiffusionXLPipeline(
+            text_encoder=_tiny_text_encoder(seed, "quick_gelu"), tokenizer=_tiny_tokenizer(),
+            text_encoder_2=_tiny_text_encoder(seed + 3, "gelu", projection=True), tokenizer_2=_tiny_tokenizer("!"),
+            force_zeros_for_empty_prompt=True, add_watermarker=False, **parts,
+        )
+    text = {"text_encoder": _tiny_text_encoder(seed, "quick_gelu" if family == "lcm" else "gelu"),
+            "tokenizer": _tiny_tokenizer()}
+    cls = diffusers.LatentConsistencyModelPipeline if family == "lcm" else diffusers.StableDiffusionPipeline
+    return cls(**text, **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def build_tiny(family: str, out_dir: str | os.PathLike, seed: int = 0, overwrite: bool = False) -> Path:
+    """Write a tiny, randomly initialised checkpoint of `family` (see TINY_FAMILIES) in diffusers format.
+
+    The same family and seed give the same weights; the folder appears atomically.
+    """
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"no tiny checkpoint for family {family!r}; valid: {', '.join(TINY_FAMILIES)}")
+    if family == "sd1":
+        return build_tiny_sd1(out_dir, seed=seed, overwrite=overwrite)
+    out = Path(out_dir)
+    if _existing(out, overwrite):
+        return out
+    info = {"builder": "diffusion_engine.export.tiny.build_tiny", "family": family, "seed": seed}
+    _save_atomically(_tiny_pipeline(family, seed), out, info)
+    logger.info("wrote tiny %s checkpoint (seed %d) to %s", family, seed, out)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`engine-tiny OUT [--seed N]`: write a tiny random-weight SD1.x checkpoint (for tests and demos)."""
+    """`engine-tiny OUT [--family sd1] [--seed N]`: write a tiny random-weight checkpoint (for tests and demos)."""
     p = argparse.ArgumentParser(prog="engine-tiny", description=main.__doc__.split(": ", 1)[1])
     p.add_argument("out")
+    p.add_argument("--family", choices=TINY_FAMILIES, default="sd1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
-    print(build_tiny_sd1(args.out, seed=args.seed, overwrite=args.overwrite))
+    print(build_tiny(args.family, args.out, seed=args.seed, overwrite=args.overwrite))
     return 0

@@ -12,18 +12,19 @@ from diffusion_engine.export.errors import CheckpointError
 from diffusion_engine.runtime.tokenizer import PromptTokenizer
 
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_2_FILE = "tokenizer_2.json"  # SDXL's second tokenizer
 _PROBES = ("a photo of an astronaut riding a horse", "", "A RED circle, on a blue background!!  ", "x " * 100)
 
 
-def save_tokenizer(tokenizer: Any, out_dir: Path) -> dict[str, Any]:
-    """Write tokenizer.json; return the manifest entry (file, max length, special ids)."""
+def save_tokenizer(tokenizer: Any, out_dir: Path, file: str = TOKENIZER_FILE) -> dict[str, Any]:
+    """Write the tokenizer as `file`; return the manifest entry (file, max length, special ids)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if not isinstance(backend, Tokenizer):
         raise CheckpointError(f"the checkpoint's tokenizer {type(tokenizer).__name__} has no `tokenizers` backend")
-    path = Path(out_dir) / TOKENIZER_FILE
+    path = Path(out_dir) / file
     backend.save(str(path))
     info = {
-        "file": TOKENIZER_FILE,
+        "file": file,
         "max_length": int(tokenizer.model_max_length),
         "pad_token_id": int(tokenizer.pad_token_id),
         "bos_token_id": int(tokenizer.bos_token_id),
@@ -43,4 +44,6 @@ def _check_same(tokenizer: Any, path: Path, info: dict[str, Any]) -> None:
         quiet.setLevel(level)
     for prompt, e, g in zip(_PROBES, expected, got):
         if list(e) != g:
-            raise CheckpointError(f"saved tokenizer disagrees with the checkpoint's on {prompt!r}: {g[:12]} vs {list(e)[:12]}")
+            raise CheckpointError(
+                f"saved tokenizer {path.name} disagrees with the checkpoint's on {prompt!r}: {g[:12]} vs {list(e)[:12]}"
+            )

@@ -11,6 +11,7 @@ import numpy as np
 
 from diffusion_engine.engine.specs import (
     COEFFS,
+    GUIDANCE_RESCALE,
     GUIDANCE_SCALE,
     INPUT_SCALES,
     NOISE,
@@ -37,7 +38,7 @@ Progress = Callable[[int, int], None]  # (evaluations done, evaluations in all)
 class LoopInputs:
     """Everything one denoising loop reads: the plan's tables, initial values, noise, text."""
 
-    tables: dict[str, np.ndarray]  # timesteps, input_scales, coeffs as float32 (+ guidance_scale)
+    tables: dict[str, np.ndarray]  # timesteps, input_scales, coeffs as float32 (+ guidance_scale, _rescale)
     state: np.ndarray  # float32 [K, N, C, h, w]
     sample: np.ndarray  # float32 [G*N, C, h, w]: the first UNet input
     timestep: np.ndarray  # float32 [1]
@@ -53,9 +54,12 @@ class LoopInputs:
 
 def loop_inputs(
     plan: SamplerPlan, latents: np.ndarray, unet_static: dict[str, np.ndarray], guidance: float | None,
-    rng: np.random.Generator,
+    rng: np.random.Generator, guidance_rescale: float | None = None,
 ) -> LoopInputs:
-    """Initial state and device tables of one loop; per-step noise drawn from rng after the latents."""
+    """Initial state and device tables of one loop; per-step noise drawn from rng after the latents.
+
+    `guidance` None runs unguided; `guidance_rescale` (with guidance) feeds the rescaled step graph.
+    """
     state = np.zeros((STATE_SIZE,) + latents.shape, np.float32)
     state[0] = plan.init_noise_sigma * latents.astype(np.float64)
     sample = (plan.input_scales[0] * state[0].astype(np.float64)).astype(np.float32)
@@ -71,6 +75,8 @@ def loop_inputs(
     }
     if guided:
         tables[GUIDANCE_SCALE] = np.array([guidance], np.float32)
+    if guided and guidance_rescale is not None:
+        tables[GUIDANCE_RESCALE] = np.array([guidance_rescale], np.float32)
     return LoopInputs(
         tables=tables, state=state, sample=np.concatenate([sample, sample]) if guided else sample,
         timestep=np.array([plan.timesteps[0]], np.float32), noise=noise, unet_static=unet_static,

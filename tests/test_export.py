@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
 from onnx import helper
 
 from diffusion_engine.engine.manifest import read_manifest
@@ -42,10 +41,10 @@ def load_checkpoint_dims(pipe):
 
 def test_manifest_lists_components_with_errors(tiny_engine):
     m = read_manifest(tiny_engine)
-    assert set(m.components) == {"text_encoder", "unet", "vae_decoder", "step", "step_unguided"}
+    assert set(m.components) == {"text_encoder", "unet", "vae_decoder", "step", "step_unguided", "step_rescaled"}
     assert (m.family, m.prediction_type) == ("sd1", "epsilon")
     assert m.build == BuildRanges(MIN_SIZE, MAX_SIZE, MAX_BATCH)
-    for name in ("step", "step_unguided"):  # generated, fp32 everywhere, checked against numpy
+    for name in ("step", "step_unguided", "step_rescaled"):  # generated, fp32 everywhere, checked against numpy
         c = m.components[name]
         assert set(c.files) == {"fp32"} and c.gpu_precision == "fp32"
         assert len(c.parity["fp32"]) == 2 and all(r["rel_error"] <= 1e-5 for r in c.parity["fp32"])

@@ -13,7 +13,11 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from diffusers.schedulers import scheduling_euler_ancestral_discrete, scheduling_lms_discrete  # noqa: E402
+from diffusers.schedulers import (  # noqa: E402
+    scheduling_euler_ancestral_discrete,
+    scheduling_lcm,
+    scheduling_lms_discrete,
+)
 
 from diffusion_engine.runtime.samplers import SAMPLERS, STATE_SIZE, SamplerPlan, make_plan, run_plan  # noqa: E402
 
@@ -50,6 +54,7 @@ REFERENCE = {
     "dpmpp_2m": (diffusers.DPMSolverMultistepScheduler, {**_DPM_2M, "use_karras_sigmas": False}),
     "dpmpp_2m_karras": (diffusers.DPMSolverMultistepScheduler, {**_DPM_2M, "use_karras_sigmas": True}),
     "unipc": (diffusers.UniPCMultistepScheduler, {}),
+    "lcm": (diffusers.LCMScheduler, {}),
 }
 
 SHAPE = (1, 4, 8, 8)
@@ -87,7 +92,8 @@ def reference_loop(monkeypatch):
         def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
             return torch.from_numpy(next(draws)).to(dtype)
 
-        monkeypatch.setattr(scheduling_euler_ancestral_discrete, "randn_tensor", randn_tensor)
+        for module in (scheduling_euler_ancestral_discrete, scheduling_lcm):
+            monkeypatch.setattr(module, "randn_tensor", randn_tensor)
         cls, forced = REFERENCE[name]
         scheduler = cls.from_config(dict(config), **forced)
         if float64_schedule:
@@ -188,6 +194,11 @@ VARIANTS = [
         {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min", "prediction_type": "v_prediction"},
     ),
     ("unipc-zero_snr", "unipc", ZERO_SNR),
+    ("lcm-original_steps", "lcm", {"original_inference_steps": 16}),
+    ("lcm-timestep_scaling", "lcm", {"timestep_scaling": 3.0}),
+    ("lcm-alpha_one-linear", "lcm", {"set_alpha_to_one": True, "beta_schedule": "linear"}),
+    ("lcm-cosine", "lcm", {"beta_schedule": "squaredcos_cap_v2"}),
+    ("lcm-zero_snr", "lcm", ZERO_SNR),
 ]
 
 # Where diffusers' own float32 rounding exceeds 1e-5, measured and explained (not a silent loosening):
@@ -225,11 +236,26 @@ def test_class_defaults_match_diffusers(name, reference_loop):
         ("euler", {**SD15, "interpolation_type": "log_linear"}, "interpolation_type"),
         ("dpmpp_2m", {**SD15, "variance_type": "learned_range"}, "variance_type"),
         ("unipc", {**SD15, "solver_order": 4}, "solver_order"),
+        ("lcm", {**SD15, "clip_sample": True}, "clip_sample"),
+        ("lcm", {**SD15, "thresholding": True}, "thresholding"),
     ],
 )
 def test_refuses_unsupported_options(name, config, key):
     with pytest.raises(ValueError, match=f"{key}=.*not supported"):
         make_plan(name, config, 10)
+
+
+@pytest.mark.parametrize(
+    ("config", "steps", "message"),
+    [
+        ({}, 51, "steps=51 exceeds original_inference_steps=50"),
+        ({"original_inference_steps": 8}, 9, "steps=9 exceeds original_inference_steps=8"),
+        ({"original_inference_steps": 2000}, 4, r"original_inference_steps=2000 must be an int in \[1, 1000\]"),
+    ],
+)
+def test_lcm_refuses_steps_beyond_its_schedule(config, steps, message):
+    with pytest.raises(ValueError, match=message):
+        make_plan("lcm", {**SD15, **config}, steps)
 
 
 def test_non_linear_option_ignored_by_the_class_is_accepted():
@@ -305,7 +331,12 @@ def test_plan_shapes_and_noise_columns(name):
     assert plan.coeffs.shape == (count, STATE_SIZE, STATE_SIZE + 2)
     assert plan.timesteps.dtype == plan.input_scales.dtype == plan.coeffs.dtype == np.float64
     assert plan.uses_noise.dtype == np.bool_
-    assert plan.uses_noise.all() if name == "euler_a" else not plan.uses_noise.any()
+    if name == "euler_a":
+        assert plan.uses_noise.all()
+    elif name == "lcm":  # re-noised before every step but the last
+        assert plan.uses_noise[:-1].all() and not plan.uses_noise[-1]
+    else:
+        assert not plan.uses_noise.any()
     assert np.all(plan.coeffs[~plan.uses_noise, :, STATE_SIZE + 1] == 0.0)
 
 

@@ -16,12 +16,13 @@ import numpy as np
 from . import config as _config
 from .ddim import ddim, pndm
 from .euler import euler, euler_ancestral, heun, lms
+from .lcm import lcm
 from .multistep import dpmpp_2m, unipc
 from .plan import STATE_SIZE, Evaluation, SamplerPlan, assemble, run_plan
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SAMPLERS", "STATE_SIZE", "SamplerPlan", "make_plan", "run_plan"]
+__all__ = ["SAMPLERS", "STATE_SIZE", "SamplerPlan", "default_sampler", "make_plan", "run_plan"]
 
 _Builder = Callable[[Mapping[str, Any], int], tuple[list[Evaluation], float]]
 
@@ -38,9 +39,21 @@ _REGISTRY: dict[str, tuple[_config.SchedulerClass, Mapping[str, Any], _Builder]]
     "dpmpp_2m": (_config.DPM_SOLVER, {**_DPM_2M, "use_karras_sigmas": False}, dpmpp_2m),
     "dpmpp_2m_karras": (_config.DPM_SOLVER, {**_DPM_2M, "use_karras_sigmas": True}, dpmpp_2m),
     "unipc": (_config.UNIPC, {}, unipc),
+    "lcm": (_config.LCM, {}, lcm),
 }
 
 SAMPLERS: tuple[str, ...] = tuple(_REGISTRY)
+# Samplers that draw fresh noise during the loop (the rest are deterministic given the initial latents).
+STOCHASTIC: tuple[str, ...] = ("euler_a", "lcm")
+
+
+def default_sampler(scheduler_config: Mapping[str, Any]) -> str:
+    """The sampler matching a checkpoint's own scheduler class (its `_class_name`); ddim for unknown classes."""
+    classes: dict[str, str] = {}
+    for name, (cls, _, _) in _REGISTRY.items():
+        classes.setdefault(cls.name, name)  # the first sampler of a class is its plain form
+    name = classes.get(scheduler_config.get("_class_name", ""), "ddim")
+    return "dpmpp_2m_karras" if name == "dpmpp_2m" and scheduler_config.get("use_karras_sigmas") else name
 
 
 def make_plan(name: str, scheduler_config: Mapping[str, Any], steps: int) -> SamplerPlan:

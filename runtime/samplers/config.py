@@ -119,6 +119,23 @@ UNIPC = SchedulerClass(
         "shift_terminal": None,
     },
 )
+LCM = SchedulerClass(
+    "LCMScheduler",
+    {
+        **_COMMON,
+        **_THRESHOLDING,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "timestep_spacing": "leading",  # taken by the class, unused by its schedule
+        "original_inference_steps": 50,
+        "clip_sample": False,
+        "clip_sample_range": 1.0,
+        "set_alpha_to_one": True,
+        "timestep_scaling": 10.0,
+        "rescale_betas_zero_snr": False,
+    },
+)
 
 # Allowed values of the enum-like keys, where the class takes the key.
 _CHOICES = {
