@@ -1,11 +1,24 @@
-"""`engine-info DIR`: print an engine directory's manifest readably."""
+"""`engine-info DIR [--check-trt]`: print an engine directory's manifest; `engine-build DIR`: TensorRT plans."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from pathlib import Path
 
 from diffusion_engine.engine.manifest import Manifest, ManifestError, read_manifest
+from diffusion_engine.engine.trt_build import (
+    BuildConfig,
+    PlanResult,
+    Toolchain,
+    TrtBuildError,
+    TrtUnavailable,
+    build_engine,
+    find_toolchain,
+    parse_sizes,
+    size_buckets,
+)
 
 
 def describe(engine_dir: str, m: Manifest) -> str:
@@ -45,6 +58,9 @@ def describe(engine_dir: str, m: Manifest) -> str:
 def info_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="engine-info", description="Print an engine directory's manifest.")
     p.add_argument("engine_dir")
+    p.add_argument("--check-trt", action="store_true",
+                   help="check every ONNX graph op by op against the TensorRT ONNX parser's supported-operator "
+                        "table; exit 1 if anything is unsupported")
     args = p.parse_args(argv)
     try:
         manifest = read_manifest(args.engine_dir)
@@ -52,7 +68,81 @@ def info_main(argv: list[str] | None = None) -> int:
         print(f"engine-info: error: {exc}", file=sys.stderr)
         return 1
     print(describe(args.engine_dir, manifest))
+    return check_trt(args.engine_dir, manifest) if args.check_trt else 0
+
+
+def check_trt(engine_dir: str, manifest: Manifest) -> int:
+    """Print the TensorRT ONNX parser check of every graph; 1 if anything is unsupported."""
+    from diffusion_engine.engine.trt_ops import check_engine, format_report
+
+    try:
+        checks = check_engine(engine_dir, manifest)
+    except ValueError as exc:  # a graph onnx cannot read
+        print(f"engine-info: error: {exc}", file=sys.stderr)
+        return 1
+    print()
+    print(format_report(checks))
+    return 0 if all(c.ok for c in checks) else 1
+
+
+def build_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="engine-build",
+        description="Build one TensorRT plan per component of an engine directory (needs tensorrt and a CUDA GPU).",
+    )
+    p.add_argument("engine_dir")
+    p.add_argument("--sizes", help="WIDTHxHEIGHT,...: one optimisation profile per size, e.g. 512x512,768x768,1024x1024")
+    p.add_argument("--min-size", type=int, help="smallest image side; [min, max] is split into 3 square profiles "
+                                                "(default: the engine's built range)")
+    p.add_argument("--max-size", type=int, help="largest image side (default: the engine's built maximum)")
+    p.add_argument("--max-batch", type=int, help="images per batch (default: the engine's built maximum)")
+    p.add_argument("--static", action="store_true", help="static shapes: min = opt = max in every profile")
+    p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimisation level, 0-5 (default 3)")
+    p.add_argument("--timing-cache", help="timing cache file to read and update (default DIR/timing.cache)")
+    p.add_argument("--refittable", action="store_true", help="build refittable plans (weights can be swapped)")
+    p.add_argument("--workspace-gib", type=float, help="limit TensorRT's workspace memory pool (default: no limit)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        toolchain = find_toolchain()  # first, so a machine without TensorRT or a GPU is told at once
+    except TrtUnavailable as exc:
+        print(f"engine-build: error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        manifest = read_manifest(args.engine_dir)
+        config = build_config(args, manifest)
+        results = build_engine(args.engine_dir, manifest, config, toolchain)
+    except (ValueError, OSError, TrtBuildError) as exc:  # ManifestError is a ValueError
+        print(f"engine-build: error: {exc}", file=sys.stderr)
+        return 1
+    print(describe_plans(args.engine_dir, results, toolchain))
     return 0
+
+
+def build_config(args: argparse.Namespace, manifest: Manifest) -> BuildConfig:
+    """The BuildConfig the command line asks for, checked against the engine's built ranges."""
+    buckets = size_buckets(
+        manifest.build, manifest.dims.size_multiple, sizes=parse_sizes(args.sizes) if args.sizes else None,
+        min_size=args.min_size, max_size=args.max_size, static=args.static,
+    )
+    return BuildConfig(
+        buckets=buckets, max_batch=args.max_batch or manifest.build.max_batch, static=args.static,
+        opt_level=args.opt_level, refittable=args.refittable,
+        workspace_bytes=int(args.workspace_gib * 2**30) if args.workspace_gib else None,
+        timing_cache=Path(args.timing_cache) if args.timing_cache else None,
+    )
+
+
+def describe_plans(engine_dir: str, results: list[PlanResult], tc: Toolchain) -> str:
+    """One line per plan: component, file, profiles, built or reused, seconds."""
+    rows = [("component", "plan", "profiles", "", "time")]
+    for r in results:
+        buckets = ", ".join(p["bucket"] for p in r.plan["profiles"])
+        rows.append((r.component, r.plan["file"], buckets, "cache hit" if r.cache_hit else "built", f"{r.seconds:.1f} s"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [f"TensorRT {tc.tensorrt_version} on {tc.device} (compute capability {tc.compute_capability})", ""]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines + ["", f"wrote {engine_dir}/manifest.json"])
 
 
 if __name__ == "__main__":

@@ -16,33 +16,29 @@ from diffusion_engine.engine.manifest import Manifest, read_manifest
 from diffusion_engine.engine.specs import (
     COMPONENTS,
     ENCODER_HIDDEN_STATES,
+    FAMILY_DEFAULTS,
     IMAGES,
     INPUT_IDS,
-    LAST_HIDDEN_STATE,
+    INPUT_IDS_2,
     LATENTS,
     STEP_GUIDED,
     STEP_GRAPHS,
+    STEP_RESCALED,
     STEP_UNGUIDED,
+    TEXT_EMBEDS,
     TEXT_ENCODER,
-    UNET,
+    TIME_IDS,
+    TIMESTEP_COND,
     VAE_DECODER,
+    FamilyDefaults,
 )
-from diffusion_engine.runtime.denoise import HostLoop, Progress, loop_inputs
-from diffusion_engine.runtime.samplers import SAMPLERS, SamplerPlan, make_plan
-from diffusion_engine.runtime.session import OrtCpuSession, Session
+from diffusion_engine.runtime.backends import Components, open_components, pick_backend
+from diffusion_engine.runtime.denoise import Progress, loop_inputs
+from diffusion_engine.runtime.samplers import SAMPLERS, SamplerPlan, default_sampler, make_plan
 from diffusion_engine.runtime.tokenizer import PromptTokenizer
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "ort-cpu")
-DEFAULT_SIZE = {"sd1": 512, "sd2": 768}
-# The sampler that matches the checkpoint's own scheduler class.
-SCHEDULER_CLASSES = {
-    "DDIMScheduler": "ddim", "PNDMScheduler": "pndm", "LMSDiscreteScheduler": "lms",
-    "EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_a",
-    "HeunDiscreteScheduler": "heun", "DPMSolverMultistepScheduler": "dpmpp_2m",
-    "UniPCMultistepScheduler": "unipc",
-}
 
 
 @dataclass
@@ -56,65 +52,78 @@ class GenerationResult:
     parameters: dict[str, Any] = field(default_factory=dict)
 
 
-def pick_backend(name: str) -> str:
-    """Resolve 'auto' to the best backend available here (ONNX Runtime CPU for now)."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; valid: {', '.join(BACKENDS)}")
-    chosen = "ort-cpu" if name == "auto" else name
-    logger.info("backend %s (asked for %s)", chosen, name)
-    return chosen
-
-
 class Pipeline:
     """Text-to-image generation from an engine directory; thread-safe, no torch."""
 
-    def __init__(self, engine_dir: Path, manifest: Manifest, sessions: dict[str, Session], backend: str):
+    def __init__(self, engine_dir: Path, manifest: Manifest, components: Components):
         self.engine_dir = engine_dir
         self.manifest = manifest
-        self.sessions = sessions
-        self.backend = backend
+        self.components = components
+        self.sessions = components.sessions
+        self.backend = components.backend
         self.tokenizer = PromptTokenizer.from_manifest(engine_dir, manifest.tokenizer)
+        # One tokenizer per text-encoder input: SDXL's second tokenizer pads differently.
+        self.tokenizers = {INPUT_IDS: self.tokenizer}
+        if manifest.tokenizer_2 is not None:
+            self.tokenizers[INPUT_IDS_2] = PromptTokenizer.from_manifest(engine_dir, manifest.tokenizer_2)
         self._plan = lru_cache(maxsize=32)(self._make_plan)
 
     @classmethod
-    def load(cls, engine_dir: str | Path, backend: str = "auto") -> "Pipeline":
-        """Open every component of an engine directory on the chosen backend."""
+    def load(cls, engine_dir: str | Path, backend: str = "auto", cuda_graphs: bool = True) -> "Pipeline":
+        """Open every component of an engine directory on a backend (see runtime/backends.py)."""
         engine_dir = Path(engine_dir)
         manifest = read_manifest(engine_dir)
-        chosen = pick_backend(backend)
-        sessions: dict[str, Session] = {}
-        for name in COMPONENTS + STEP_GRAPHS:
-            entry = manifest.components[name]
-            sessions[name] = OrtCpuSession(engine_dir / entry.files["fp32"], entry.spec(name), entry.ranges())
-        return cls(engine_dir, manifest, sessions, chosen)
+        names = runtime_components(manifest)
+        chosen = pick_backend(backend, engine_dir, manifest, names)
+        return cls(engine_dir, manifest, open_components(engine_dir, manifest, chosen, names, cuda_graphs))
+
+    @property
+    def defaults(self) -> FamilyDefaults:
+        """What generate uses where a request leaves it out: the manifest's defaults (older manifests:
+        the family's, with the checkpoint's own scheduler); the size clamped to the built range."""
+        m, b = self.manifest, self.manifest.build
+        family, d = FAMILY_DEFAULTS.get(m.family, FAMILY_DEFAULTS["sd1"]), m.defaults
+        return FamilyDefaults(
+            size=min(max(int(d.get("size", family.size)), b.min_size), b.max_size),
+            steps=int(d.get("steps", family.steps)),
+            guidance_scale=float(d.get("guidance_scale", family.guidance_scale)),
+            scheduler=d.get("scheduler") or family.scheduler or default_sampler(m.scheduler_config),
+            steps_range=tuple(d.get("steps_range", family.steps_range)),
+        )
 
     @property
     def default_scheduler(self) -> str:
-        cfg = self.manifest.scheduler_config
-        name = SCHEDULER_CLASSES.get(cfg.get("_class_name", ""), "ddim")
-        return "dpmpp_2m_karras" if name == "dpmpp_2m" and cfg.get("use_karras_sigmas") else name
+        return self.defaults.scheduler
 
     @property
     def default_size(self) -> int:
-        b = self.manifest.build
-        return min(max(DEFAULT_SIZE.get(self.manifest.family, 512), b.min_size), b.max_size)
+        return self.defaults.size
 
     def _make_plan(self, scheduler: str, steps: int) -> SamplerPlan:
         return make_plan(scheduler, self.manifest.scheduler_config, steps)
 
     def generate(
-        self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] = "", steps: int = 30,
-        guidance_scale: float = 7.5, scheduler: str | None = None, seed: int | None = None,
+        self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] = "", steps: int | None = None,
+        guidance_scale: float | None = None, scheduler: str | None = None, seed: int | None = None,
         height: int | None = None, width: int | None = None, batch_size: int = 1,
-        latents: np.ndarray | None = None, progress: Progress | None = None,
+        latents: np.ndarray | None = None, progress: Progress | None = None, guidance_rescale: float = 0.0,
+        original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] | None = None,
+        target_size: tuple[int, int] | None = None,
     ) -> GenerationResult:
-        """Generate batch_size images per prompt; latents (optional) are the initial noise."""
+        """Generate batch_size images per prompt; latents (optional) are the initial noise.
+
+        steps, guidance_scale, scheduler, height and width default to the engine's (`defaults`).
+        guidance_rescale mixes in the std-rescaled guided output (Lin et al. 2023); SDXL engines take
+        size conditioning as diffusers does: original_size and target_size (height, width) default to
+        the image size, crops_coords_top_left to (0, 0).
+        """
         start = time.perf_counter()
         prompts, negatives = _prompt_lists(prompt, negative_prompt)
-        scheduler = scheduler or self.default_scheduler
-        height, width = height or self.default_size, width or self.default_size
+        steps, guidance_scale, scheduler, height, width = self._settings(steps, guidance_scale, scheduler, height, width)
         n = len(prompts) * batch_size
         self._check(steps, guidance_scale, scheduler, height, width, batch_size, n)
+        self._check_conditioning(negatives, guidance_rescale)
+        size_ids = self._size_ids(height, width, original_size, crops_coords_top_left, target_size)
         plan = self._plan(scheduler, steps)
         if seed is None and latents is None:
             seed = int(np.random.SeedSequence().generate_state(1)[0])
@@ -122,38 +131,113 @@ class Pipeline:
         shape = (n, self.manifest.dims.latent_channels, height // self.manifest.dims.vae_scale_factor,
                  width // self.manifest.dims.vae_scale_factor)
         latents = _initial_latents(latents, shape, rng)
-        guided = guidance_scale > 1.0
+        # Guidance is a doubled UNet batch, except where the UNet embeds it (LCM: timestep_cond).
+        guided = self.manifest.dims.cfg_batch == 2 and guidance_scale > 1.0
+        rescale = guidance_rescale if guided and guidance_rescale > 0 else None
         timings: dict[str, float] = {}
 
         t = time.perf_counter()
         # Each prompt once per image: the embeddings come out in the UNet's batch order, so no
         # host op touches them (on GPU backends they stay on the device).
         per_image = [p for p in (negatives + prompts if guided else prompts) for _ in range(batch_size)]
-        ids = self.tokenizer.encode(per_image)
+        ids = {name: self.tokenizers[name].encode(per_image) for name in _input_names(self.sessions[TEXT_ENCODER])}
         timings["tokenize"] = time.perf_counter() - t
-        t = time.perf_counter()
-        text = self.sessions[TEXT_ENCODER].run({INPUT_IDS: ids})[LAST_HIDDEN_STATE]
-        timings["text_encoder"] = time.perf_counter() - t
+        # GPU backends run on one stream: one generate at a time there (the lock is a no-op on CPU).
+        with self.components.lock:
+            t = time.perf_counter()
+            empty = [i for i, p in enumerate(per_image[: n if guided else 0]) if not p]
+            static = self._unet_conditioning(ids, empty, guidance_scale, size_ids)
+            timings["text_encoder"] = time.perf_counter() - t
 
-        loop = HostLoop(self.sessions[UNET], self.sessions[STEP_GUIDED if guided else STEP_UNGUIDED])
-        inputs = loop_inputs(plan, latents, {ENCODER_HIDDEN_STATES: text}, guidance_scale if guided else None, rng)
-        t = time.perf_counter()
-        final, spent = loop.run(inputs, progress)
-        timings["denoise"] = time.perf_counter() - t
-        timings["unet"], timings["step_graph"] = spent["unet"], spent["step"]
-        timings["unet_per_step"] = spent["unet"] / plan.num_evaluations
+            loop = self.components.loop(STEP_RESCALED if rescale else STEP_GUIDED if guided else STEP_UNGUIDED)
+            inputs = loop_inputs(plan, latents, static, guidance_scale if guided else None, rng, rescale)
+            t = time.perf_counter()
+            final, spent = loop.run(inputs, progress)
+            timings["denoise"] = time.perf_counter() - t
+            timings.update({"unet": spent["unet"], "step_graph": spent["step"],
+                            "unet_per_step": spent["unet"] / plan.num_evaluations}
+                           if spent else {})  # GPU loops queue work without waiting: no per-stage split
 
-        t = time.perf_counter()
-        pixels = np.asarray(self.sessions[VAE_DECODER].run({LATENTS: final})[IMAGES])  # the one device->host copy
-        timings["vae_decoder"] = time.perf_counter() - t
+            t = time.perf_counter()
+            pixels = np.asarray(self.sessions[VAE_DECODER].run({LATENTS: final})[IMAGES])  # the one device->host copy
+            timings["vae_decoder"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - start
         params = {
             "prompt": prompts if len(prompts) > 1 else prompts[0],
             "negative_prompt": negatives if len(negatives) > 1 else negatives[0],
-            "steps": steps, "guidance_scale": guidance_scale, "scheduler": scheduler, "seed": seed,
-            "height": height, "width": width, "batch_size": batch_size, "backend": self.backend,
+            "steps": steps, "guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale,
+            "scheduler": scheduler, "seed": seed, "height": height, "width": width, "batch_size": batch_size,
+            "backend": self.backend, "family": self.manifest.family,
         }
+        if size_ids is not None:
+            params["time_ids"] = list(size_ids)
         return GenerationResult([Image.fromarray(p) for p in pixels], pixels, seed, timings, params)
+
+    def _settings(self, steps: Any, guidance_scale: Any, scheduler: Any, height: Any, width: Any) -> tuple:
+        """(steps, guidance_scale, scheduler, height, width): the engine's defaults where left out (None)."""
+        d = self.defaults
+        steps = d.steps if steps is None else steps
+        if isinstance(steps, (int, np.integer)) and not d.steps_range[0] <= steps <= d.steps_range[1]:
+            logger.warning("%s is made for %d-%d steps; %d asked", self.manifest.family, *d.steps_range, steps)
+        guidance_scale = d.guidance_scale if guidance_scale is None else guidance_scale
+        return steps, guidance_scale, scheduler or d.scheduler, height or d.size, width or d.size
+
+    def _unet_conditioning(
+        self, ids: dict[str, np.ndarray], zero_rows: list[int], guidance_scale: float,
+        size_ids: tuple[float, ...] | None,
+    ) -> dict[str, Any]:
+        """The UNet inputs fixed for the loop: text (and pooled text), size ids, guidance embedding.
+
+        zero_rows: the unconditional rows of empty negative prompts, zeroed where the checkpoint asks
+        (SDXL's force_zeros_for_empty_prompt) as diffusers does.
+        """
+        encoder = self.sessions[TEXT_ENCODER]
+        out = encoder.run(ids)
+        static = {ENCODER_HIDDEN_STATES: out[encoder.spec.outputs[0].name]}
+        if TEXT_EMBEDS in out:
+            static[TEXT_EMBEDS] = out[TEXT_EMBEDS]
+        if zero_rows and self.manifest.force_zeros_for_empty_prompt:
+            static = {k: _zero_rows(v, zero_rows) for k, v in static.items()}
+        rows, dims = len(ids[INPUT_IDS]), self.manifest.dims
+        if dims.time_ids_size:
+            static[TIME_IDS] = np.tile(np.asarray(size_ids, np.float32), (rows, 1))
+        if dims.timestep_cond_size:  # LCM: diffusers embeds w = guidance_scale - 1
+            static[TIMESTEP_COND] = guidance_embedding(np.full(rows, guidance_scale - 1.0), dims.timestep_cond_size)
+        return static
+
+    def _size_ids(
+        self, height: int, width: int, original_size: Any, crops_coords_top_left: Any, target_size: Any,
+    ) -> tuple[float, ...] | None:
+        """SDXL's time ids (original size, crop top-left, target size), checked; None for other families."""
+        given = {"original_size": original_size, "crops_coords_top_left": crops_coords_top_left,
+                 "target_size": target_size}
+        if not self.manifest.dims.time_ids_size:
+            extra = [k for k, v in given.items() if v is not None]
+            if extra:
+                raise ValueError(
+                    f"{', '.join(extra)}: size conditioning is an SDXL input; this is a {self.manifest.family} engine"
+                )
+            return None
+        pairs = (original_size or (height, width), crops_coords_top_left or (0, 0), target_size or (height, width))
+        for name, pair in zip(given, pairs):
+            if len(pair) != 2 or not all(_is_count(v) for v in pair):
+                raise ValueError(f"{name} must be two integers >= 0 (height, width), got {pair!r}")
+        return tuple(float(v) for pair in pairs for v in pair)
+
+    def _check_conditioning(self, negatives: list[str], guidance_rescale: Any) -> None:
+        """Guidance rescale in [0, 1] and a step graph for it; no negative prompt where guidance is embedded."""
+        number = isinstance(guidance_rescale, (int, float)) and not isinstance(guidance_rescale, bool)
+        if not number or not 0 <= guidance_rescale <= 1:
+            raise ValueError(f"guidance_rescale must be a number in [0, 1], got {guidance_rescale!r}")
+        if guidance_rescale > 0 and STEP_RESCALED not in self.sessions:
+            raise ValueError(
+                f"this engine has no {STEP_RESCALED} graph (exported before guidance rescale); re-export it"
+            )
+        if self.manifest.dims.cfg_batch == 1 and any(negatives):
+            raise ValueError(
+                f"negative prompts are not supported by this {self.manifest.family} engine: its UNet embeds guidance "
+                "(distilled with an empty unconditional prompt)"
+            )
 
     def _check(self, steps: Any, guidance: Any, scheduler: str, height: int, width: int, batch_size: int, n: int) -> None:
         """Every request error, before any model runs."""
@@ -178,8 +262,7 @@ class Pipeline:
             raise ValueError(f"{n} images per call (prompts x batch_size) exceeds the engine's max batch {b.max_batch}")
 
     def close(self) -> None:
-        for s in self.sessions.values():
-            s.close()
+        self.components.close()
 
     def __enter__(self) -> "Pipeline":
         return self
@@ -208,3 +291,38 @@ def _initial_latents(latents: np.ndarray | None, shape: tuple[int, ...], rng: np
     if not np.issubdtype(latents.dtype, np.floating) or not np.isfinite(latents).all():
         raise ValueError("latents must be finite floating-point values")
     return latents.astype(np.float32)
+
+
+def runtime_components(manifest: Manifest) -> tuple[str, ...]:
+    """The components a Pipeline opens: every exported one and the step graphs the engine has.
+
+    (Engines exported before guidance rescale have no step_rescaled graph.)
+    """
+    return tuple(name for name in COMPONENTS + STEP_GRAPHS if name in manifest.components)
+
+
+def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:
+    """Sinusoidal embedding of 1000 w, float32 [len(w), dim] (VDM; diffusers' get_guidance_scale_embedding).
+
+    Computed in float64: diffusers' float32 arguments (1000 w freq ~ 7500) carry ~5e-4 of rounding.
+    """
+    half = dim // 2
+    freqs = np.exp(-np.log(10000.0) / (half - 1) * np.arange(half))
+    args = np.asarray(w, np.float64)[:, None] * 1000.0 * freqs[None, :]
+    emb = np.concatenate([np.sin(args), np.cos(args)], axis=1)
+    return np.pad(emb, ((0, 0), (0, dim % 2))).astype(np.float32)
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0
+
+
+def _input_names(session: Any) -> list[str]:
+    return [t.name for t in session.spec.inputs]
+
+
+def _zero_rows(values: Any, rows: list[int]) -> np.ndarray:
+    """A host copy of values with the given rows zeroed (device arrays copy out: a small, rare round trip)."""
+    host = np.array(values, dtype=np.float32)
+    host[rows] = 0.0
+    return host

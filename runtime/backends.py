@@ -1,0 +1,97 @@
+"""Backend choice and set-up: every component's session and the denoising loop, per backend."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ContextManager
+
+from diffusion_engine.engine.manifest import Manifest
+from diffusion_engine.engine.specs import UNET
+from diffusion_engine.runtime.denoise import HostLoop
+from diffusion_engine.runtime.session import OrtCpuSession, Session
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "ort-cpu", "ort-cuda", "trt")
+
+
+@dataclass
+class Components:
+    """Open sessions of one engine on one backend, and the loop that drives UNet + step graph."""
+
+    backend: str
+    sessions: dict[str, Session]
+    loop: Callable[[str], Any]  # step-graph name -> an object with run(LoopInputs, progress)
+    lock: ContextManager = field(default_factory=nullcontext)  # GPU backends: one stream, one caller
+    closer: Callable[[], None] | None = None
+
+    def close(self) -> None:
+        if self.closer is not None:
+            self.closer()
+        for s in self.sessions.values():
+            s.close()
+
+
+def trt_ready(engine_dir: Path, manifest: Manifest, names: tuple[str, ...]) -> str | None:
+    """None if TensorRT, a GPU and fitting plans for every component are here; else what is missing."""
+    try:
+        from diffusion_engine.engine.trt_build import find_toolchain, select_plan
+
+        tc = find_toolchain()
+        for n in names:
+            select_plan(n, manifest.components[n], tc.tensorrt_version, tc.compute_capability)
+    except Exception as exc:  # TrtUnavailable, PlanMismatch, missing packages: all mean "not trt"
+        return str(exc)
+    return None
+
+
+def pick_backend(name: str, engine_dir: Path, manifest: Manifest, names: tuple[str, ...]) -> str:
+    """'auto': trt with a GPU, TensorRT and matching plans, else ort-cuda if usable, else ort-cpu."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; valid: {', '.join(BACKENDS)}")
+    if name != "auto":
+        return name
+    why_not_trt = trt_ready(engine_dir, manifest, names)
+    if why_not_trt is None:
+        chosen = "trt"
+    else:
+        from diffusion_engine.runtime import cuda, ort_cuda
+
+        chosen = "ort-cuda" if ort_cuda.available() and cuda.device_count() > 0 else "ort-cpu"
+        logger.info("not using TensorRT: %s", why_not_trt)
+    logger.info("backend %s (asked for auto)", chosen)
+    return chosen
+
+
+def open_components(engine_dir: Path, manifest: Manifest, backend: str, names: tuple[str, ...],
+                    cuda_graphs: bool = True) -> Components:
+    """Open `names` on a concrete backend."""
+    if backend == "trt":
+        from diffusion_engine.runtime.trt import TrtBackend
+
+        trt = TrtBackend(engine_dir, manifest, names, cuda_graphs=cuda_graphs)
+        return Components("trt", trt.sessions, lambda step: trt.loop(UNET, step), threading.Lock(), trt.close)
+    if backend == "ort-cuda":
+        from diffusion_engine.runtime.ort_cuda import OrtCudaSession
+
+        sessions = {n: OrtCudaSession(engine_dir / _gpu_file(manifest, n), *_spec(manifest, n)) for n in names}
+        return Components("ort-cuda", sessions, lambda step: HostLoop(sessions[UNET], sessions[step]), threading.Lock())
+    if backend == "ort-cpu":
+        sessions = {n: OrtCpuSession(engine_dir / manifest.components[n].files["fp32"], *_spec(manifest, n)) for n in names}
+        return Components("ort-cpu", sessions, lambda step: HostLoop(sessions[UNET], sessions[step]))
+    raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS[1:])}")
+
+
+def _spec(manifest: Manifest, name: str) -> tuple:
+    entry = manifest.components[name]
+    return entry.spec(name), entry.ranges()
+
+
+def _gpu_file(manifest: Manifest, name: str) -> str:
+    """The graph a GPU runs: the fp16 one, or fp32 where the manifest says fp16 is unsafe."""
+    entry = manifest.components[name]
+    return entry.files[entry.gpu_precision]
