@@ -1,0 +1,147 @@
+"""`engine-bench --engine DIR ...`: per-stage latency, throughput and memory, with baselines;
+`engine-bench report OUT.json`: the markdown table and plot from a saved result."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from diffusion_engine.benchmarks.runner import BASELINES, Settings
+
+USAGE_REPORT = "engine-bench report OUT.json [--markdown FILE] [--plot FILE]"
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: need integers >= 1")
+    return values
+
+
+def _sizes(text: str) -> tuple[tuple[int, int], ...]:
+    out = []
+    for item in text.split(","):
+        parts = item.lower().strip().split("x")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise argparse.ArgumentTypeError(f"size {item!r} is not HEIGHTxWIDTH, e.g. 512x512")
+        out.append((int(parts[0]), int(parts[1])))
+    return tuple(out)
+
+
+def _baselines(text: str) -> tuple[str, ...]:
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    if names == ("none",):
+        return ()
+    bad = [n for n in names if n not in BASELINES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown baseline {bad[0]!r}; valid: {', '.join(BASELINES)}, none")
+    return names
+
+
+def bench_parser() -> argparse.ArgumentParser:
+    from diffusion_engine.runtime.backends import BACKENDS
+    from diffusion_engine.runtime.samplers import SAMPLERS
+
+    p = argparse.ArgumentParser(prog="engine-bench", description=__doc__.split(";")[0].split(": ", 1)[1],
+                                epilog=f"also: {USAGE_REPORT}")
+    p.add_argument("--engine", required=True, help="engine directory made by engine-export")
+    p.add_argument("--backend", choices=BACKENDS, default="auto")
+    p.add_argument("--mode", choices=("e2e", "unet"), default="e2e",
+                   help="e2e: whole generations, per stage (default); unet: one guided UNet evaluation per run")
+    p.add_argument("--sizes", type=_sizes, default=((512, 512),), help="HxW list, e.g. 256x256,512x512")
+    p.add_argument("--batch", type=_ints, default=(1,), help="images per call, e.g. 1,4")
+    p.add_argument("--steps", type=_ints, default=(30,), help="denoising steps, e.g. 4,30 (e2e mode)")
+    p.add_argument("--scheduler", choices=SAMPLERS, help="default: the checkpoint's own")
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per system and case (default 1)")
+    p.add_argument("--runs", type=int, default=5, help="measured runs per system and case (default 5)")
+    p.add_argument("--baseline", type=_baselines, default=(),
+                   help=f"comma-separated: {', '.join(BASELINES)}, or none (default)")
+    p.add_argument("--checkpoint", help="diffusers folder for the diffusers baseline (default: the manifest's source)")
+    p.add_argument("--prompt", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the result here (and, unless given, OUT.md and OUT.png beside it)")
+    p.add_argument("--markdown", help="write the markdown report here")
+    p.add_argument("--plot", help="write the PNG plot here")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def report_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="engine-bench report", description="Markdown and plot from a result JSON.")
+    p.add_argument("result", help="JSON written by engine-bench --json")
+    p.add_argument("--markdown", help="default: RESULT with .md")
+    p.add_argument("--plot", help="default: RESULT with .png")
+    return p
+
+
+def write_outputs(doc: dict[str, Any], json_path: str | None, md_path: str | None, png_path: str | None) -> list[Path]:
+    """Write whichever of JSON / markdown / plot were asked for (markdown and plot default beside the JSON)."""
+    from diffusion_engine.benchmarks import report
+
+    written = []
+    if json_path:
+        path = Path(json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(doc, indent=2) + "\n")
+        written.append(path)
+        md_path = md_path or str(path.with_suffix(".md"))
+        png_path = png_path or str(path.with_suffix(".png"))
+    if md_path:
+        Path(md_path).write_text(report.markdown(doc))
+        written.append(Path(md_path))
+    if png_path:
+        written.append(report.plot(doc, png_path))
+    return written
+
+
+def report_main(argv: list[str]) -> int:
+    from diffusion_engine.benchmarks.schema import SchemaError, validate
+
+    args = report_parser().parse_args(argv)
+    try:
+        doc = json.loads(Path(args.result).read_text())
+        validate(doc)
+    except (OSError, json.JSONDecodeError, SchemaError) as exc:
+        print(f"engine-bench report: error: {exc}", file=sys.stderr)
+        return 2
+    result = Path(args.result)
+    for path in write_outputs(doc, None, args.markdown or str(result.with_suffix(".md")),
+                              args.plot or str(result.with_suffix(".png"))):
+        print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["report"]:
+        return report_main(argv[1:])
+    args = bench_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("diffusion_engine").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    from diffusion_engine.benchmarks.report import markdown
+    from diffusion_engine.benchmarks.runner import PROMPT, run_bench
+    from diffusion_engine.engine.manifest import ManifestError
+
+    try:
+        settings = Settings(
+            engine=Path(args.engine), backend=args.backend, sizes=args.sizes, batches=args.batch, steps=args.steps,
+            scheduler=args.scheduler, guidance_scale=args.guidance, warmup=args.warmup, runs=args.runs,
+            baselines=args.baseline, checkpoint=args.checkpoint, mode=args.mode, prompt=args.prompt or PROMPT,
+            seed=args.seed,
+        )
+        doc = run_bench(settings, say=lambda line: print(line, file=sys.stderr, flush=True))
+    except (ValueError, ManifestError) as exc:
+        print(f"engine-bench: error: {exc}", file=sys.stderr)
+        return 2
+    print(markdown(doc))
+    for path in write_outputs(doc, args.json, args.markdown, args.plot):
+        print(f"wrote {path}", file=sys.stderr)
+    return 0

@@ -1,0 +1,282 @@
+"""The bench: every case runs every system in turn, alternating order run by run, then summarises.
+
+Alternation (ours, theirs, theirs, ours, ...) spreads machine drift and warm-cache effects over
+all systems instead of charging them to whichever ran last. All systems get the same latents,
+prompt, sampler, steps and guidance in one process; RSS is sampled while each system runs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from diffusion_engine.benchmarks import flops as flops_mod
+from diffusion_engine.benchmarks.measure import (
+    RssMonitor, aggregate, machine, psnr, ratio, rss_bytes, sha256_file, versions,
+)
+from diffusion_engine.benchmarks.schema import SCHEMA_VERSION, validate
+from diffusion_engine.benchmarks.systems import (
+    E2E, MODEL_STAGES, PER_CALL, STAGES, UNET_ONLY, Case, CaseInputs, OpenVinoSystem, OursSystem, System,
+    component_dims, unet_feeds,
+)
+from diffusion_engine.engine.manifest import MANIFEST, read_manifest
+from diffusion_engine.engine.specs import TEXT_ENCODER, UNET, VAE_DECODER
+from diffusion_engine.runtime.session import cpu_threads
+
+logger = logging.getLogger(__name__)
+
+BASELINES = ("diffusers", "openvino", "openvino-bf16")
+PROMPT = "a photo of an astronaut riding a horse"
+RANDOM_WEIGHTS_NOTE = "random-weight checkpoint: the figures are for latency and memory only, never image quality"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one `engine-bench` invocation measures."""
+
+    engine: Path
+    backend: str = "auto"
+    sizes: tuple[tuple[int, int], ...] = ((512, 512),)
+    batches: tuple[int, ...] = (1,)
+    steps: tuple[int, ...] = (30,)
+    scheduler: str | None = None
+    guidance_scale: float = 7.5
+    warmup: int = 1
+    runs: int = 5
+    baselines: tuple[str, ...] = ()
+    checkpoint: str | None = None
+    mode: str = E2E
+    prompt: str = PROMPT
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        bad = [b for b in self.baselines if b not in BASELINES]
+        if bad:
+            raise ValueError(f"unknown baseline {bad[0]!r}; valid: {', '.join(BASELINES)}, none")
+        if self.runs < 1 or self.warmup < 0:
+            raise ValueError(f"--runs must be >= 1 and --warmup >= 0, got {self.runs} and {self.warmup}")
+        if self.mode == E2E and (not self.steps or min(self.steps) < 1):
+            raise ValueError(f"--steps must be integers >= 1, got {list(self.steps)}")
+
+    def cases(self) -> list[Case]:
+        steps = self.steps if self.mode == E2E else (None,)
+        return [Case(self.mode, h, w, b, s) for (h, w) in self.sizes for b in self.batches for s in steps]
+
+
+def case_inputs(case: Case, manifest: Any, settings: Settings, scheduler: str) -> CaseInputs:
+    """Seeded inputs shared by every system: initial latents and one guided UNet call's feeds."""
+    rng = np.random.default_rng(settings.seed)
+    d = manifest.dims
+    shape = (case.batch, d.latent_channels, case.height // d.vae_scale_factor, case.width // d.vae_scale_factor)
+    latents = rng.standard_normal(shape, dtype=np.float32)
+    return CaseInputs(settings.prompt, "", settings.guidance_scale, scheduler, latents, unet_feeds(manifest, case, rng))
+
+
+def case_flops(engine: Path, manifest: Any, case: Case, guided: bool) -> dict[str, dict[str, Any]]:
+    """FLOPs of one call of each component at the case's shapes, from the engine's fp32 ONNX."""
+    dims = component_dims(manifest, case, guided)
+    names = (UNET,) if case.mode == UNET_ONLY else (TEXT_ENCODER, UNET, VAE_DECODER)
+    return {n: flops_mod.graph_flops(engine / manifest.components[n].files["fp32"], dims[n]).as_dict() for n in names}
+
+
+def make_systems(settings: Settings, manifest: Any) -> tuple[list[System], str]:
+    """Ours first, then the baselines asked for (diffusers from the source checkpoint); the sampler."""
+    threads = cpu_threads()
+    ours = OursSystem(settings.engine, settings.backend)
+    scheduler = settings.scheduler or ours.pipe.default_scheduler
+    systems: list[System] = [ours]
+    for name in settings.baselines:
+        if name == "diffusers":
+            from diffusion_engine.benchmarks.baselines import DiffusersSystem
+
+            checkpoint = settings.checkpoint or manifest.source.get("checkpoint")
+            if not checkpoint or not Path(checkpoint).is_dir():
+                raise ValueError(f"diffusers baseline: source checkpoint {checkpoint!r} is not a local folder; pass --checkpoint DIR")
+            systems.append(DiffusersSystem(checkpoint, settings.mode, scheduler, threads))
+        else:
+            systems.append(OpenVinoSystem(settings.engine, threads, "f32" if name == "openvino" else "bf16"))
+    return systems, scheduler
+
+
+def measure_case(systems: list[System], case: Case, inputs: CaseInputs, warmup: int, runs: int,
+                 say: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """Warm up and run every system `runs` times, alternating order; summarise per system."""
+    warm: dict[str, int] = {}  # RSS added by compiling and warming up: lazily touched weights, arenas
+    for s in systems:
+        before = rss_bytes()
+        s.prepare(case, inputs)
+        warm[s.name] = rss_bytes() - before
+    warm_case = Case(case.mode, case.height, case.width, case.batch, min(case.steps, 2) if case.steps else None)
+    for i in range(warmup):
+        for s in systems if i % 2 == 0 else systems[::-1]:
+            before = rss_bytes()
+            s.run(warm_case, inputs)
+            warm[s.name] += rss_bytes() - before
+    records: dict[str, list[dict[str, list[float]]]] = {s.name: [] for s in systems}
+    peaks: dict[str, int] = {s.name: 0 for s in systems}
+    increase: dict[str, int] = {s.name: 0 for s in systems}
+    outputs: dict[str, np.ndarray] = {}
+    for r in range(runs):
+        for s in systems if r % 2 == 0 else systems[::-1]:
+            with RssMonitor() as mon:
+                before = mon.peak
+                out = s.run(case, inputs)
+            records[s.name].append(out.calls)
+            peaks[s.name] = max(peaks[s.name], mon.peak)
+            increase[s.name] = max(increase[s.name], mon.peak - before)
+            outputs[s.name] = out.output
+            e2e = out.calls.get("end_to_end") or out.calls.get("unet")
+            say(f"  run {r + 1}/{runs} {s.name}: {sum(e2e):.3f} s")
+    result = {}
+    for s in systems:
+        summary = _system_summary(s, case, records[s.name], peaks[s.name], increase[s.name])
+        summary["warm_rss_bytes"] = int(warm[s.name])
+        if s.name != systems[0].name:
+            summary["agreement"] = _agreement(case, outputs[systems[0].name], outputs[s.name])
+        result[s.name] = summary
+    return result
+
+
+def _system_summary(s: System, case: Case, runs: list[dict[str, list[float]]], peak: int, increase: int) -> dict[str, Any]:
+    stages = aggregate(runs, PER_CALL)
+    e2e = stages.get("end_to_end")
+    overhead = None
+    if case.mode == E2E:
+        # Time outside model calls: host loop, tokenisation, step graph / scheduler, copies, conversions.
+        fractions = [1 - sum(sum(r.get(m, [])) for m in MODEL_STAGES) / r["end_to_end"][0] for r in runs]
+        overhead = {"p50_fraction": float(np.median(fractions)), "max_fraction": float(max(fractions))}
+    device_memory = getattr(s, "device_memory_bytes", lambda: None)()
+    return {
+        "device": s.device,
+        "stages": {k: stages[k] for k in STAGES if k in stages},
+        "images_per_second": case.batch / e2e["p50"] if e2e else None,
+        "overhead": overhead,
+        "load_rss_bytes": int(s.load_rss_bytes),
+        "peak_rss_bytes": int(peak),
+        "run_rss_increase_bytes": int(increase),
+        "device_memory_bytes": device_memory,
+    }
+
+
+def _agreement(case: Case, ours: np.ndarray, theirs: np.ndarray) -> dict[str, float]:
+    """Same weights and inputs, so outputs should agree: PSNR of images, relative error of a UNet call."""
+    if case.mode == UNET_ONLY:
+        a, b = ours.astype(np.float64), theirs.astype(np.float64)
+        return {"rel_error": float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-12))}
+    return {"psnr_db": min(psnr(ours, theirs), 999.0)}
+
+
+def add_figures(case_result: dict[str, Any], case_flops_: dict[str, dict[str, Any]], gpu_name: str | None) -> None:
+    """Achieved TFLOP/s per model stage (and fraction of fp16 peak on a GPU); ratios theirs / ours."""
+    peak = flops_mod.fp16_peak_tflops(gpu_name) if gpu_name else None
+    systems = case_result["systems"]
+    for summary in systems.values():
+        achieved, fraction = {}, {}
+        for stage in MODEL_STAGES:
+            if stage in case_flops_ and stage in summary["stages"]:
+                tflops = case_flops_[stage]["flops"] / summary["stages"][stage]["p50"] / 1e12
+                achieved[stage] = tflops
+                fraction[stage] = tflops / peak if (peak and summary["device"] == "cuda") else None
+        summary["achieved_tflops"] = achieved
+        summary["fraction_of_fp16_peak"] = fraction
+    ours = systems["ours"]["stages"]
+    case_result["ratios"] = {
+        name: {stage: ratio(s["stages"].get(stage, {}).get("p50"), ours.get(stage, {}).get("p50"))
+               for stage in STAGES if stage in ours and stage in s["stages"]}
+        for name, s in systems.items() if name != "ours"
+    }
+
+
+def engine_info(engine: Path, manifest: Any) -> dict[str, Any]:
+    checkpoint = manifest.source.get("checkpoint")
+    info: dict[str, Any] = {}
+    for marker in ("bench_checkpoint.json", "tiny_checkpoint.json"):
+        path = Path(checkpoint or "") / marker
+        if checkpoint and path.is_file():
+            info = {"builder": json.loads(path.read_text()), "random_weights": True}
+    return {
+        "dir": str(engine), "manifest_sha256": sha256_file(engine / MANIFEST), "family": manifest.family,
+        "source_checkpoint": checkpoint, "source_digest": manifest.source.get("digest"),
+        "parameters": {k: v.parameters for k, v in manifest.components.items() if v.parameters},
+        "random_weights": info.get("random_weights", False), "checkpoint_info": info.get("builder"),
+    }
+
+
+def run_bench(settings: Settings, say: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Measure every case on every system; return the result document (checked against the schema)."""
+    engine = Path(settings.engine)
+    manifest = read_manifest(engine)
+    started = dt.datetime.now(dt.timezone.utc)
+    threads = cpu_threads()
+    mach = machine(threads)
+    systems, scheduler = make_systems(settings, manifest)
+    gpu_name = mach["gpus"][0]["name"] if mach["gpus"] else None
+    cases = []
+    try:
+        for case in settings.cases():
+            say(f"{case.label}: {', '.join(s.name for s in systems)}")
+            inputs = case_inputs(case, manifest, settings, scheduler)
+            guided = case.mode == UNET_ONLY or settings.guidance_scale > 1.0
+            result = {**asdict(case), "flops": case_flops(engine, manifest, case, guided),
+                      "systems": measure_case(systems, case, inputs, settings.warmup, settings.runs, say)}
+            add_figures(result, result["flops"], gpu_name)
+            cases.append(result)
+    finally:
+        for s in systems:
+            s.close()
+    mach["load_average_end"] = list(os.getloadavg())
+    doc = {
+        "schema_version": SCHEMA_VERSION, "tool": "engine-bench",
+        "created": started.isoformat(timespec="seconds"),
+        "duration_s": (dt.datetime.now(dt.timezone.utc) - started).total_seconds(),
+        "command": " ".join(["engine-bench"] + sys.argv[1:]) if sys.argv else "engine-bench",
+        "machine": mach, "versions": versions(), "engine": engine_info(engine, manifest),
+        "settings": {**_settings_dict(settings), "scheduler": scheduler, "threads": threads},
+        "cases": cases, "notes": notes(settings, engine_info(engine, manifest), mach),
+    }
+    validate(doc)
+    return doc
+
+
+def _settings_dict(s: Settings) -> dict[str, Any]:
+    d = asdict(s)
+    d["engine"] = str(s.engine)
+    d["sizes"] = [list(x) for x in s.sizes]
+    d["batches"], d["steps"], d["baselines"] = list(s.batches), list(s.steps), list(s.baselines)
+    return d
+
+
+def notes(settings: Settings, engine: dict[str, Any], mach: dict[str, Any]) -> list[str]:
+    """What a reader must know to read the figures right."""
+    out = []
+    if engine["random_weights"]:
+        out.append(RANDOM_WEIGHTS_NOTE)
+    out.append(f"alternating order run by run; {settings.runs} measured runs after {settings.warmup} warm-up runs "
+               f"(warm-ups use at most 2 steps); p50/p90 of per-call stages (unet, step_graph) pool every call")
+    out.append("memory: peak_rss_bytes is the whole process (every system is loaded in the one process); "
+               "load_rss_bytes is what constructing a system added, warm_rss_bytes what its compile and warm-up runs "
+               "for the case added (mmap-loaded weights become resident only when first used), "
+               "run_rss_increase_bytes the largest rise during one measured run")
+    if not mach["gpus"]:
+        out.append("CPU only: device memory and fraction of fp16 peak are null")
+    if "diffusers" in settings.baselines:
+        out.append("diffusers: eager PyTorch (SDPA attention), fp32 on CPU / fp16 on GPU, torch threads = ORT threads; "
+                   "its step_graph stage is scheduler.step (guidance is in the pipeline body), its tokenize stage the "
+                   "tokenizer calls, its vae_decoder stage vae.decode without post-processing")
+    if any(b.startswith("openvino") for b in settings.baselines):
+        out.append("openvino: CPU plugin on the engine's fp32 ONNX reshaped to static shapes and compiled per case "
+                   "(compile time not measured), PERFORMANCE_HINT=LATENCY, INFERENCE_PRECISION_HINT=f32 for 'openvino' "
+                   "(its default on AVX512_BF16/AMX CPUs is bf16: 'openvino-bf16'); our step graph on ONNX Runtime")
+    loads = [mach["load_average_start"][0], mach.get("load_average_end", [0.0])[0]]
+    if max(loads) > 0.5 * mach["cpu_affinity"]:
+        out.append(f"the machine was shared (1-minute load average {loads[0]:.1f} at the start, {loads[1]:.1f} at "
+                   f"the end, on {mach['cpu_affinity']} CPUs): expect noise; compare ratios within a run, not across runs")
+    return out
