@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 OUT ?= out
 PROMPT ?= a red circle on a blue background
 
-.PHONY: install demo test test-gpu clean
+.PHONY: install demo test test-gpu gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -14,21 +14,29 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt torch==2.13.0
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[export,test]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[export,test,bench]"
 	touch $@
 
-# The main job on the CPU default: build a tiny checkpoint, export it, generate an image.
+# The main job on the CPU default: the built-in demo model (trained on shapes; train/demo-checkpoint)
+# writes out.png. Its first run exports it into ~/.cache/diffusion-engine (or $DIFFUSION_ENGINE_CACHE).
 demo: install
-	$(BIN)/engine-tiny $(OUT)/tiny-sd1
-	$(BIN)/engine-export $(OUT)/tiny-sd1 --out $(OUT)/tiny-engine --max-size 512 --max-batch 2 --overwrite
-	$(BIN)/engine-info $(OUT)/tiny-engine
-	$(BIN)/engine-run --engine $(OUT)/tiny-engine --prompt "$(PROMPT)" --steps 20 --seed 0 --height 256 --width 256 --out $(OUT)/demo.png
+	@echo 'engine-run --prompt "$(PROMPT)"'
+	@$(BIN)/engine-run --prompt "$(PROMPT)"
 
 test: install
 	$(BIN)/python -m pytest -q
 
 test-gpu: install
 	$(BIN)/python -m pytest -q -m gpu
+
+# On an NVIDIA GPU machine: TensorRT + onnxruntime-gpu, engines for the tiny and an SD1.5-architecture
+# checkpoint, the GPU suite and engine-bench; one JSON report in $(OUT)/gpu-check.json.
+# onnxruntime and onnxruntime-gpu install the same module: swap one for the other.
+gpu-check: install
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[export,test,trt,bench]"
+	$(BIN)/python -m pip uninstall --quiet --yes onnxruntime
+	$(BIN)/python -m pip install --quiet -c constraints.txt onnxruntime-gpu
+	$(BIN)/python -m diffusion_engine.benchmarks.gpu_check --work $(OUT)/gpu-check --report $(OUT)/gpu-check.json
 
 clean:
 	rm -rf $(OUT) .pytest_cache

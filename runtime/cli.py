@@ -14,24 +14,36 @@ from PIL import PngImagePlugin
 from tqdm import tqdm
 
 from diffusion_engine.engine.manifest import ManifestError
-from diffusion_engine.runtime.pipeline import BACKENDS, GenerationResult, Pipeline
+from diffusion_engine.runtime import demo
+from diffusion_engine.runtime.backends import BACKENDS
+from diffusion_engine.runtime.pipeline import GenerationResult, Pipeline
 from diffusion_engine.runtime.samplers import SAMPLERS
 
 
+DEMO_HELP = (
+    f"Without --engine, engine-run uses the built-in demo model: {demo.DESCRIPTION}; 64x64 by default. "
+    f"Its first use exports it (needs diffusion-engine[export]) into ${demo.CACHE_ENV}/demo-<digest>, by "
+    f"default {demo.DEFAULT_CACHE}/demo-<digest>; later runs reuse it. To clear the cache, delete that folder."
+)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="engine-run", description="Generate images from an engine directory.")
-    p.add_argument("--engine", required=True, help="engine directory made by engine-export")
+    p = argparse.ArgumentParser(prog="engine-run", description="Generate images from an engine directory.", epilog=DEMO_HELP)
+    p.add_argument("--engine", help="engine directory made by engine-export (default: the built-in demo model)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 disables it")
+    p.add_argument("--steps", type=int, help="default: the model family's (manifest defaults)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale; <= 1 disables it (default: the family's)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0, help="rescale the guided output (Lin et al. 2023), 0..1")
     p.add_argument("--scheduler", choices=SAMPLERS, help="default: the checkpoint's own scheduler")
     p.add_argument("--seed", type=int)
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--batch", type=int, default=1, help="images to generate")
     p.add_argument("--out", default="out.png", help="PNG path; with --batch N > 1, -0, -1, ... are added")
-    p.add_argument("--backend", choices=BACKENDS, default="auto")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="auto: trt with a GPU, TensorRT and built plans, else ort-cuda, else ort-cpu")
+    p.add_argument("--no-cuda-graph", action="store_true", help="trt: run every step eagerly (no CUDA graph capture)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -59,13 +71,21 @@ def save_png(result: GenerationResult, index: int, path: Path) -> None:
         raise
 
 
+def demo_engine() -> Path:
+    """The built-in demo model's engine, exported into the cache on first use."""
+    model = demo.ensure_engine(say=lambda message: print(message, file=sys.stderr))
+    print(f"using the built-in demo model ({demo.DESCRIPTION}); engine {model.engine_dir}")
+    return model.engine_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("diffusion_engine").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         paths = output_paths(args.out, args.batch)
-        with Pipeline.load(args.engine, backend=args.backend) as pipe, tqdm(unit="step", file=sys.stderr) as bar:
+        engine = args.engine or demo_engine()
+        with Pipeline.load(engine, backend=args.backend, cuda_graphs=not args.no_cuda_graph) as pipe, tqdm(unit="step", file=sys.stderr) as bar:
             def progress(done: int, total: int) -> None:
                 bar.total = total
                 bar.update(done - bar.n)
@@ -73,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             result = pipe.generate(
                 args.prompt, args.negative_prompt, steps=args.steps, guidance_scale=args.guidance,
                 scheduler=args.scheduler, seed=args.seed, height=args.height, width=args.width,
-                batch_size=args.batch, progress=progress,
+                batch_size=args.batch, progress=progress, guidance_rescale=args.guidance_rescale,
             )
-    except (ValueError, ManifestError) as exc:
+    except (ValueError, ManifestError, demo.DemoError) as exc:
         print(f"engine-run: error: {exc}", file=sys.stderr)
         return 2
     for i, path in enumerate(paths):

@@ -60,6 +60,15 @@ def test_wheel_holds_only_the_namespace(wheel):
         assert f"diffusion_engine/{module}" in names
 
 
+def test_wheel_carries_the_demo_checkpoint(wheel):
+    """engine-run without --engine needs every file of train/demo-checkpoint in a regular install."""
+    checkpoint = ROOT / "train" / "demo-checkpoint"
+    files = sorted(p.relative_to(ROOT / "train").as_posix() for p in checkpoint.rglob("*") if p.is_file())
+    assert "demo-checkpoint/model_index.json" in files
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert [f for f in files if f"diffusion_engine/train/{f}" not in names] == []
+
+
 def test_regular_install_imports(wheel, tmp_path):
     target = tmp_path / "site"
     r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],

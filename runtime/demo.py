@@ -1,0 +1,140 @@
+"""The built-in demo model: a tiny checkpoint trained on shapes, exported once into a cache.
+
+`engine-run` without `--engine` uses it. The checkpoint ships in `diffusion_engine.train`
+(`train/demo-checkpoint/`); the first run exports it into
+`$DIFFUSION_ENGINE_CACHE/demo-<digest>` (default `~/.cache/diffusion-engine/demo-<digest>`, the
+digest being the checkpoint's sha256); later runs reuse that engine. The export needs torch, which
+the runtime never imports, so it runs as a subprocess: `python -m diffusion_engine.export.cli`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Iterator
+
+from diffusion_engine.engine.manifest import MANIFEST
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV = "DIFFUSION_ENGINE_CACHE"
+DEFAULT_CACHE = "~/.cache/diffusion-engine"
+CHECKPOINT_PACKAGE, CHECKPOINT = "diffusion_engine.train", "demo-checkpoint"
+# Trained at 64x64 (the manifest's default size); the engine also takes up to 128, in steps of 16.
+MIN_SIZE, MAX_SIZE, MAX_BATCH = 64, 128, 4
+# What `python -m diffusion_engine.export.cli` imports: the [export] extra.
+EXPORT_MODULES = ("torch", "diffusers", "transformers", "onnx", "onnxscript")
+DESCRIPTION = (
+    "a tiny model trained from scratch on 64x64 images of one shape, prompted as "
+    "'a COLOR SHAPE on a COLOR background' (colours red, green, blue, yellow, white, black; "
+    "shapes circle, square, triangle)"
+)
+
+Say = Callable[[str], None]
+
+
+class DemoError(RuntimeError):
+    """The demo model cannot be made ready (missing [export] extra, failed export, broken install)."""
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    """The packaged checkpoint, its engine directory in the cache, and whether this call exported it."""
+
+    checkpoint: Path
+    engine_dir: Path
+    exported: bool
+
+
+def checkpoint_dir() -> Path:
+    """The packaged demo checkpoint (a diffusers folder), found through importlib.resources."""
+    try:
+        path = Path(str(resources.files(CHECKPOINT_PACKAGE) / CHECKPOINT))
+    except ModuleNotFoundError as exc:
+        raise DemoError(f"{CHECKPOINT_PACKAGE} is not installed; reinstall diffusion-engine or pass --engine") from exc
+    if not (path / "model_index.json").is_file():
+        raise DemoError(f"the demo checkpoint is missing from this install ({path}); reinstall diffusion-engine or pass --engine")
+    return path
+
+
+def checkpoint_digest(path: Path) -> str:
+    """sha256 over every file of the checkpoint: relative name, then contents, in sorted order."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f.relative_to(path).as_posix().encode() + b"\0")
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def cache_root() -> Path:
+    """$DIFFUSION_ENGINE_CACHE, or ~/.cache/diffusion-engine."""
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
+
+
+def engine_dir_for(checkpoint: Path) -> Path:
+    """<cache>/demo-<digest[:12]>: a changed checkpoint gets a new engine, never a stale one."""
+    return cache_root() / f"demo-{checkpoint_digest(checkpoint)[:12]}"
+
+
+def export_command(checkpoint: Path, out: Path) -> list[str]:
+    """The export subprocess: this interpreter, the engine-export CLI, the demo's build ranges."""
+    return [
+        sys.executable, "-m", "diffusion_engine.export.cli", str(checkpoint), "--out", str(out),
+        "--min-size", str(MIN_SIZE), "--max-size", str(MAX_SIZE), "--max-batch", str(MAX_BATCH), "--overwrite",
+    ]
+
+
+def ensure_engine(say: Say = lambda message: None) -> DemoModel:
+    """The demo engine, exported first if the cache has none; `say` hears about a coming export."""
+    checkpoint = checkpoint_dir()
+    out = engine_dir_for(checkpoint)
+    if (out / MANIFEST).is_file():
+        return DemoModel(checkpoint, out, exported=False)
+    missing = [m for m in EXPORT_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise DemoError(
+            f"the built-in demo model must be exported once, which needs the [export] extra "
+            f"(missing: {', '.join(missing)}): pip install 'diffusion-engine[export]', or pass --engine DIR"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(out.parent / f".{out.name}.lock"):
+        if (out / MANIFEST).is_file():  # another process exported it while we waited
+            return DemoModel(checkpoint, out, exported=False)
+        say(f"exporting the built-in demo model once into {out} (about a minute; later runs reuse it)")
+        _export(checkpoint, out)
+    return DemoModel(checkpoint, out, exported=True)
+
+
+def _export(checkpoint: Path, out: Path) -> None:
+    """Run the export subprocess; its output is shown only if it fails."""
+    command = export_command(checkpoint, out)
+    logger.debug("running %s", " ".join(command))
+    result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if result.returncode != 0 or not (out / MANIFEST).is_file():
+        tail = "\n".join(result.stdout.strip().splitlines()[-15:])
+        raise DemoError(f"exporting the demo model failed (exit status {result.returncode}):\n{tail}")
+    logger.debug("export output:\n%s", result.stdout)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive file lock, so concurrent first runs export once (where fcntl exists)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: concurrent first runs each export; the rename keeps the folder whole
+        yield
+        return
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

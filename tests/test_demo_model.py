@@ -1,0 +1,148 @@
+"""The built-in demo model: its images show what the prompt asks (fp32 and fp16 graphs), it matches
+diffusers, and `engine-run` without `--engine` exports it once into the cache and then reuses it."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffusion_engine.engine.manifest import MANIFEST
+from diffusion_engine.runtime import demo
+from diffusion_engine.runtime.cli import main as engine_run
+from diffusion_engine.runtime.pipeline import Pipeline
+from tests.quality import analyse, engine_agreement, evaluation_pairs, use_fp16_graphs
+
+PROMPT = "a red circle on a blue background"
+PAIRS = evaluation_pairs(30)  # every colour as shape and as background, every shape
+MIN_AGREEMENT = 0.8
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+
+@contextlib.contextmanager
+def cache_at(path: Path):
+    old = os.environ.get(demo.CACHE_ENV)
+    os.environ[demo.CACHE_ENV] = str(path)
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[demo.CACHE_ENV]
+        else:
+            os.environ[demo.CACHE_ENV] = old
+
+
+def run_cli(args: list[str]) -> Run:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = engine_run(args)
+    return Run(code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="session")
+def first_run(tmp_path_factory) -> tuple[Run, Path, Path]:
+    """engine-run without --engine on an empty cache: the session's one export of the demo model."""
+    cache = tmp_path_factory.mktemp("demo-cache")
+    image = cache.parent / "first.png"
+    with cache_at(cache):
+        run = run_cli(["--prompt", PROMPT, "--seed", "0", "--out", str(image)])
+    return run, cache, image
+
+
+@pytest.fixture(scope="session")
+def demo_engine(first_run) -> Path:
+    run, cache, _ = first_run
+    assert run.code == 0, run.err
+    engines = list(cache.glob("demo-*"))
+    assert len(engines) == 1 and (engines[0] / MANIFEST).is_file(), engines
+    return engines[0]
+
+
+def test_first_run_exports_into_the_cache_and_generates(first_run, demo_engine):
+    run, cache, image = first_run
+    assert "exporting the built-in demo model once into" in run.err
+    assert "using the built-in demo model" in run.out
+    assert demo_engine == cache / f"demo-{demo.checkpoint_digest(demo.checkpoint_dir())[:12]}"
+    assert Image.open(image).size == (64, 64)  # the trained resolution is the default
+
+
+def test_second_run_reuses_the_export(first_run, demo_engine, tmp_path, monkeypatch):
+    _, cache, _ = first_run
+    manifest_time = (demo_engine / MANIFEST).stat().st_mtime_ns
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(demo, "_export", no_export)
+    with cache_at(cache):
+        run = run_cli(["--prompt", "a green square on a black background", "--seed", "1", "--out", str(tmp_path / "b.png")])
+    assert run.code == 0, run.err
+    assert "exporting" not in run.err and "using the built-in demo model" in run.out
+    assert (demo_engine / MANIFEST).stat().st_mtime_ns == manifest_time
+    assert analyse(np.asarray(Image.open(tmp_path / "b.png"))).background == "black"
+
+
+def test_missing_export_extra_is_a_clear_error(tmp_path, monkeypatch):
+    real = demo.importlib.util.find_spec
+    monkeypatch.setattr(demo.importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    with cache_at(tmp_path / "empty-cache"):
+        run = run_cli(["--prompt", PROMPT, "--out", str(tmp_path / "x.png")])
+    assert run.code == 2
+    assert "pip install 'diffusion-engine[export]'" in run.err and "--engine" in run.err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_help_says_where_the_cache_is_and_how_to_clear_it(capsys):
+    with pytest.raises(SystemExit):
+        engine_run(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert demo.CACHE_ENV in text and "~/.cache/diffusion-engine" in text and "delete" in text
+
+
+@pytest.fixture(scope="module")
+def pipe(demo_engine):
+    with Pipeline.load(demo_engine, backend="ort-cpu") as p:
+        yield p
+
+
+def test_images_show_what_the_prompt_asks_fp32(pipe):
+    rate, misses, _ = engine_agreement(pipe, PAIRS)
+    print(f"demo model, fp32 graphs: {rate:.1%} of {len(PAIRS)} images agree with their prompt")
+    assert rate >= MIN_AGREEMENT, misses
+
+
+def test_images_show_what_the_prompt_asks_fp16_graphs(demo_engine):
+    with Pipeline.load(demo_engine, backend="ort-cpu") as fp16:
+        use_fp16_graphs(fp16)
+        rate, misses, _ = engine_agreement(fp16, PAIRS)
+    print(f"demo model, fp16 graphs: {rate:.1%} of {len(PAIRS)} images agree with their prompt")
+    assert rate >= MIN_AGREEMENT, misses
+
+
+def test_matches_diffusers(pipe):
+    from diffusers import StableDiffusionPipeline
+
+    from tests.test_pipeline import diffusers_images, psnr
+
+    ref = StableDiffusionPipeline.from_pretrained(demo.checkpoint_dir(), safety_checker=None)
+    prompts = [p for p, _ in PAIRS[:4]]
+    latents = np.random.default_rng(0).standard_normal((4, 4, 16, 16), dtype=np.float32)
+    ours = pipe.generate(prompts, steps=20, guidance_scale=7.5, latents=latents, scheduler="ddim")
+    theirs = diffusers_images(ref, "ddim", latents, prompt=prompts, num_inference_steps=20, guidance_scale=7.5,
+                              height=64, width=64)
+    assert ours.array.shape == theirs.shape == (4, 64, 64, 3)
+    score = psnr(ours.array, theirs)
+    print(f"PSNR demo model vs diffusers (ddim, 20 steps, guidance 7.5): {score:.1f} dB")
+    assert score >= 40.0
