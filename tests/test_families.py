@@ -38,6 +38,7 @@ from diffusion_engine.runtime.pipeline import Pipeline, guidance_embedding, runt
 from diffusion_engine.runtime.samplers import STOCHASTIC, make_plan
 from diffusion_engine.runtime.session import OrtCpuSession
 from diffusion_engine.runtime.tokenizer import PromptTokenizer
+from tests.test_pipeline import psnr
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 
@@ -89,11 +90,6 @@ def pipelines():
     yield get
     for p in opened.values():
         p.close()
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def reference(ckpt: Path, family_name: str, sampler: str):
