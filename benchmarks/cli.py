@@ -26,13 +26,13 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def _sizes(text: str) -> tuple[tuple[int, int], ...]:
-    out = []
-    for item in text.split(","):
-        parts = item.lower().strip().split("x")
-        if len(parts) != 2 or not all(p.isdigit() for p in parts):
-            raise argparse.ArgumentTypeError(f"size {item!r} is not HEIGHTxWIDTH, e.g. 512x512")
-        out.append((int(parts[0]), int(parts[1])))
-    return tuple(out)
+    """WIDTHxHEIGHT list, as engine-build reads it, as (height, width) pairs."""
+    from diffusion_engine.engine.trt_build import parse_sizes
+
+    try:
+        return parse_sizes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _baselines(text: str) -> tuple[str, ...]:
@@ -55,7 +55,7 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, default="auto")
     p.add_argument("--mode", choices=("e2e", "unet"), default="e2e",
                    help="e2e: whole generations, per stage (default); unet: one guided UNet evaluation per run")
-    p.add_argument("--sizes", type=_sizes, default=((512, 512),), help="HxW list, e.g. 256x256,512x512")
+    p.add_argument("--sizes", type=_sizes, default=((512, 512),), help="WIDTHxHEIGHT list, e.g. 256x256,768x512")
     p.add_argument("--batch", type=_ints, default=(1,), help="images per call, e.g. 1,4")
     p.add_argument("--steps", type=_ints, default=(30,), help="denoising steps, e.g. 4,30 (e2e mode)")
     p.add_argument("--scheduler", choices=SAMPLERS, help="default: the checkpoint's own")

@@ -34,7 +34,7 @@ def headline(case: dict[str, Any]) -> str:
 
 def case_title(case: dict[str, Any]) -> str:
     what = f"{case['steps']} steps, end to end" if case["mode"] == "e2e" else "one guided UNet evaluation"
-    return f"{case['height']}x{case['width']}, batch {case['batch']}, {what}"
+    return f"{case['width']}x{case['height']}, batch {case['batch']}, {what}"
 
 
 def case_table(case: dict[str, Any]) -> str:
@@ -134,7 +134,7 @@ def plot(doc: dict[str, Any], path: str | Path) -> Path:
             if stage in sy["stages"]:
                 side = (case["height"] * case["width"]) ** 0.5
                 series.setdefault(f"{name}{tail}", []).append(
-                    (side, sy["stages"][stage]["p50"], f"{case['height']}x{case['width']}"))
+                    (side, sy["stages"][stage]["p50"], f"{case['width']}x{case['height']}"))
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     ticks: dict[float, str] = {}
     for label, points in sorted(series.items()):

@@ -62,7 +62,7 @@ class Case:
     @property
     def label(self) -> str:
         tail = f" {self.steps} steps" if self.steps else " one guided UNet call"
-        return f"{self.height}x{self.width} batch {self.batch}{tail}"
+        return f"{self.width}x{self.height} batch {self.batch}{tail}"
 
 
 @dataclass
