@@ -17,6 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+from diffusion_engine.engine.digest import file_digest
 from diffusion_engine.engine.manifest import MANIFEST, ComponentEntry, Manifest, write_atomic
 from diffusion_engine.engine.specs import (
     BATCH, HEIGHT, LATENT_HEIGHT, LATENT_WIDTH, UNET_BATCH, WIDTH, AxisRange, BuildRanges, ModelDims,
@@ -226,13 +227,7 @@ def axis_values(name: str, axis: str, recorded: AxisRange, bucket: Bucket, dims:
 
 def onnx_digest(path: Path) -> str:
     """sha256 over the ONNX file and every external-data file it names, streamed in file-name order."""
-    h = hashlib.sha256()
-    for f in [path, *external_data_files(path)]:
-        h.update(f.name.encode() + b"\0")
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 24), b""):
-                h.update(chunk)
-    return "sha256:" + h.hexdigest()
+    return file_digest([path, *external_data_files(path)])
 
 
 def external_data_files(path: Path) -> list[Path]:

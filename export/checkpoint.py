@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -10,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from diffusion_engine.engine.digest import file_digest
 from diffusion_engine.engine.specs import FAMILY_DEFAULTS, ModelDims
 from diffusion_engine.export.errors import CheckpointError
 from diffusion_engine.export.families import SCHEDULER_REQUIREMENTS, detect_family
@@ -181,14 +181,3 @@ def _family(pipe: Any, path: Path, family: str | None) -> str:
         "scheduler": {**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__},
     }
     return detect_family(str(path), index, configs, path.name, family)
-
-
-def file_digest(files: list[Path], root: Path | None = None) -> str:
-    """sha256 over the files' relative names and contents, in sorted order."""
-    h = hashlib.sha256()
-    for f in files:
-        h.update(str(f.relative_to(root) if root else f.name).encode() + b"\0")
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-    return "sha256:" + h.hexdigest()

@@ -10,7 +10,6 @@ the runtime never imports, so it runs as a subprocess: `python -m diffusion_engi
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import logging
 import os
@@ -21,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterator
 
+from diffusion_engine.engine.digest import file_digest
 from diffusion_engine.engine.manifest import MANIFEST
 
 logger = logging.getLogger(__name__)
@@ -67,11 +67,7 @@ def checkpoint_dir() -> Path:
 
 def checkpoint_digest(path: Path) -> str:
     """sha256 over every file of the checkpoint: relative name, then contents, in sorted order."""
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(f.relative_to(path).as_posix().encode() + b"\0")
-        h.update(f.read_bytes())
-    return h.hexdigest()
+    return file_digest(sorted(p for p in path.rglob("*") if p.is_file()), root=path).removeprefix("sha256:")
 
 
 def cache_root() -> Path:

@@ -11,16 +11,12 @@ import numpy as np
 import pytest
 
 from diffusion_engine.runtime.pipeline import Pipeline
+from tests.test_pipeline import psnr
 
 pytestmark = pytest.mark.gpu
 PROMPT = "a red circle on a blue background"
 BUCKETS = "256x256,384x384"  # engine-build's --sizes: each is a profile's opt point
 OUTSIDE = (256, 320)  # inside the built range, not a bucket: runs eagerly
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 @pytest.fixture(scope="module")
