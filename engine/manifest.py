@@ -7,9 +7,9 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from diffusion_engine.engine.specs import (
     AxisRange,
@@ -91,10 +91,11 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Manifest":
-        d = dict(d)
-        d["dims"] = ModelDims(**d["dims"])
-        d["build"] = BuildRanges(**d["build"])
-        d["components"] = {k: ComponentEntry(**v) for k, v in d["components"].items()}
+        """Build from parsed JSON; fields this version does not know (added by later exports) are ignored."""
+        d = _known(cls, d)
+        d["dims"] = ModelDims(**_known(ModelDims, d["dims"]))
+        d["build"] = BuildRanges(**_known(BuildRanges, d["build"]))
+        d["components"] = {k: ComponentEntry(**_known(ComponentEntry, v)) for k, v in d["components"].items()}
         return cls(**d)
 
     def specs(self) -> dict[str, ComponentSpec]:
@@ -134,35 +135,96 @@ def read_manifest(engine_dir: str | os.PathLike) -> Manifest:
     return manifest
 
 
-@contextmanager
-def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success rename it to target, on failure delete it."""
-    target = Path(target).resolve()
-    if target.exists() and not overwrite:
+def _known(cls: type, d: Any) -> dict[str, Any]:
+    """The entries of d that are fields of the dataclass cls (readers ignore unknown fields)."""
+    if not isinstance(d, dict):
+        raise TypeError(f"expected an object for {cls.__name__}, got {type(d).__name__}")
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
+
+
+def is_engine_directory(path: str | os.PathLike) -> bool:
+    """True if path is a folder holding a manifest.json this tool wrote (an integer format_version, components)."""
+    manifest = Path(path) / MANIFEST
+    try:
+        d = json.loads(manifest.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(d, dict) and isinstance(d.get("format_version"), int) and isinstance(d.get("components"), dict)
+
+
+def check_output_dir(target: str | os.PathLike, overwrite: bool, source: str | os.PathLike | None = None,
+                     replaceable: Callable[[Path], bool] = is_engine_directory, what: str = "an engine directory") -> None:
+    """Raise (before any work) unless target may be written: absent, or with overwrite an empty folder or
+    `replaceable` (by default an engine directory this tool wrote); never the source, inside it or around it."""
+    out = Path(target).expanduser().resolve()
+    if source is not None and Path(source).expanduser().exists():
+        src = Path(source).expanduser().resolve()
+        if out == src or src in out.parents or out in src.parents:
+            raise ValueError(f"--out {target} is the source {source}, inside it or contains it; choose another folder")
+    if not os.path.lexists(out):
+        return
+    if not overwrite:
         raise FileExistsError(f"{target} already exists; choose another --out or pass --overwrite")
+    if out.is_dir() and not out.is_symlink() and (not any(out.iterdir()) or replaceable(out)):
+        return
+    raise FileExistsError(
+        f"{target} exists and is not {what} written by this tool (nor an empty folder); "
+        "--overwrite replaces only those: choose another --out"
+    )
+
+
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_directory(
+    target: str | os.PathLike, overwrite: bool = False, source: str | os.PathLike | None = None,
+    replaceable: Callable[[Path], bool] = is_engine_directory, what: str = "an engine directory",
+) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success rename it to target, on failure delete it.
+
+    With overwrite, only an empty folder or one `replaceable` accepts (check_output_dir) is replaced.
+    The folder gets the permissions the umask gives (mkdtemp alone makes it 0700).
+    """
+    check_output_dir(target, overwrite, source, replaceable, what)
+    target = Path(target).expanduser().resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
+        os.chmod(tmp, 0o777 & ~current_umask())
         yield tmp
         if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
+            aside_tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, aside_tmp / target.name)
             os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(aside_tmp, ignore_errors=True)  # only what we just moved aside: the replaced folder
         else:
             os.replace(tmp, target)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # our own temporary folder
         raise
 
 
-def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write a file under a temporary name, then rename it into place."""
+def write_atomic(path: str | os.PathLike, data: bytes | str | None = None,
+                 writer: Callable[[Path], None] | None = None) -> None:
+    """Write a file under a temporary name (data, or writer(tmp_path)), then rename it into place.
+
+    The file gets the permissions the umask gives (mkstemp alone makes it 0600).
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data.encode() if isinstance(data, str) else data)
+            if writer is None:
+                fh.write(data.encode() if isinstance(data, str) else data)
+        if writer is not None:
+            writer(Path(tmp))
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

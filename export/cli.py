@@ -9,6 +9,7 @@ import time
 
 from tqdm import tqdm
 
+from diffusion_engine.engine.manifest import check_output_dir
 from diffusion_engine.engine.specs import FAMILIES, BuildRanges, validate_build_ranges
 
 STAGES = ("load checkpoint", "tokenizer", "text_encoder", "unet", "vae_decoder", "step graphs")
@@ -61,9 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("diffusion_engine").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    try:  # bad sizes fail here, before anything is loaded
+    try:  # bad sizes and a forbidden --out fail here, before the heavy imports and any loading
         validate_build_ranges(args.min_size, args.max_size, args.max_batch)
-    except ValueError as exc:
+        check_output_dir(args.out, args.overwrite, args.model)
+    except (ValueError, FileExistsError) as exc:
         print(f"engine-export: error: {exc}", file=sys.stderr)
         return 2
     from diffusion_engine.export.exporter import ExportOptions, export_engine

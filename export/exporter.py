@@ -12,7 +12,14 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from diffusion_engine.engine.manifest import MANIFEST, ComponentEntry, Manifest, atomic_directory, write_atomic
+from diffusion_engine.engine.manifest import (
+    MANIFEST,
+    ComponentEntry,
+    Manifest,
+    atomic_directory,
+    check_output_dir,
+    write_atomic,
+)
 from diffusion_engine.engine.specs import (
     COMPONENTS,
     FAMILY_DEFAULTS,
@@ -75,12 +82,13 @@ def export_engine(
     progress: Progress = lambda stage: None,
 ) -> tuple[Manifest, list[ComponentReport]]:
     """Load `source`, export every component, validate it, and write the engine directory atomically."""
+    check_output_dir(out, options.overwrite, source)  # before any loading: never the source, never a user's folder
     progress("load checkpoint")
     ckpt = load_checkpoint(source, config=config, family=options.family)
     dims = ckpt.dims
     check_ranges(options.ranges, dims)
     specs = component_specs(dims)
-    with atomic_directory(out, overwrite=options.overwrite) as tmp:
+    with atomic_directory(out, overwrite=options.overwrite, source=source) as tmp:
         progress("tokenizer")
         tokenizer = save_tokenizer(ckpt.pipeline.tokenizer, tmp, TOKENIZER_FILE)
         second = getattr(ckpt.pipeline, "tokenizer_2", None)

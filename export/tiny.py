@@ -6,9 +6,10 @@ import argparse
 import json
 import logging
 import os
-import shutil
-import tempfile
+import sys
 from pathlib import Path
+
+from diffusion_engine.engine.manifest import atomic_directory, check_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -18,6 +19,7 @@ _WORDS = (
     "red green blue yellow white black circle square triangle cat dog astronaut horse riding"
 ).split()
 
+TINY_INFO = "tiny_checkpoint.json"  # what build_tiny wrote: builder, family, seed
 TINY_TEXT_HIDDEN = 32
 
 
@@ -104,40 +106,55 @@ def build_tiny_sd1(out_dir: str | os.PathLike, seed: int = 0, overwrite: bool = 
     from diffusers import StableDiffusionPipeline
 
     out = Path(out_dir)
-    if _existing(out, overwrite):
+    info = {"builder": "diffusion_engine.export.tiny.build_tiny_sd1", "seed": seed}
+    if _existing(out, overwrite, info):
         return out
     text_encoder, tokenizer, unet, vae, scheduler = _tiny_components(seed)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    _save_atomically(pipe, out, {"builder": "diffusion_engine.export.tiny.build_tiny_sd1", "seed": seed})
+    _save_atomically(pipe, out, info)
     logger.info("wrote tiny SD1 checkpoint (seed %d) to %s", seed, out)
     return out
 
 
-def _existing(out: Path, overwrite: bool) -> bool:
-    """True if out already holds a checkpoint to reuse; clears it when overwriting."""
-    if out.exists():
-        if not overwrite:
-            if (out / "model_index.json").is_file():
-                return True
-            raise FileExistsError(f"{out} exists and is not a checkpoint; pass overwrite=True")
-        shutil.rmtree(out)
+def _is_tiny_checkpoint(path: Path) -> bool:
+    """True if path is a checkpoint this module wrote (it has tiny_checkpoint.json)."""
+    return (path / "model_index.json").is_file() and (path / TINY_INFO).is_file()
+
+
+def _existing(out: Path, overwrite: bool, info: dict) -> bool:
+    """True if out already holds the tiny checkpoint `info` describes (reuse it); raise if it holds another
+    one (without overwrite) or anything this module did not write."""
+    if os.path.lexists(out) and not overwrite:
+        try:
+            found = json.loads((out / TINY_INFO).read_text())
+        except (OSError, ValueError):
+            found = None
+        if found is None:
+            raise FileExistsError(f"{out} exists and is not a tiny checkpoint written by engine-tiny; choose another folder")
+        if found != info:
+            raise FileExistsError(
+                f"{out} holds another tiny checkpoint ({_describe(found)}), not {_describe(info)}; "
+                "pass --overwrite to replace it or choose another folder"
+            )
+        return True
+    check_output_dir(out, overwrite, replaceable=_is_tiny_checkpoint, what="a tiny checkpoint")
     out.parent.mkdir(parents=True, exist_ok=True)
     return False
 
 
+def _describe(info: dict) -> str:
+    return f"family {info.get('family', 'sd1')}, seed {info.get('seed')}"
+
+
 def _save_atomically(pipe, out: Path, info: dict) -> None:
-    """save_pretrained under a temporary name beside out, then rename it into place."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    """save_pretrained under a temporary name beside out, then rename it into place (replacing only
+    a tiny checkpoint or an empty folder: atomic_directory's rules)."""
+    with atomic_directory(out, overwrite=True, replaceable=_is_tiny_checkpoint, what="a tiny checkpoint") as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "tiny_checkpoint.json").write_text(json.dumps(info, indent=2) + "\n")
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / TINY_INFO).write_text(json.dumps(info, indent=2) + "\n")
 
 
 # What real checkpoints' scheduler configs carry, whatever their class (diffusers keeps foreign keys).
@@ -248,9 +265,9 @@ def build_tiny(family: str, out_dir: str | os.PathLike, seed: int = 0, overwrite
     if family == "sd1":
         return build_tiny_sd1(out_dir, seed=seed, overwrite=overwrite)
     out = Path(out_dir)
-    if _existing(out, overwrite):
-        return out
     info = {"builder": "diffusion_engine.export.tiny.build_tiny", "family": family, "seed": seed}
+    if _existing(out, overwrite, info):
+        return out
     _save_atomically(_tiny_pipeline(family, seed), out, info)
     logger.info("wrote tiny %s checkpoint (seed %d) to %s", family, seed, out)
     return out
@@ -264,5 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
-    print(build_tiny(args.family, args.out, seed=args.seed, overwrite=args.overwrite))
+    try:
+        print(build_tiny(args.family, args.out, seed=args.seed, overwrite=args.overwrite))
+    except (FileExistsError, ValueError) as exc:
+        print(f"engine-tiny: error: {exc}", file=sys.stderr)
+        return 2
     return 0

@@ -5,15 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from PIL import PngImagePlugin
 from tqdm import tqdm
 
-from diffusion_engine.engine.manifest import ManifestError
+from diffusion_engine.engine.manifest import ManifestError, write_atomic
 from diffusion_engine.runtime import demo
 from diffusion_engine.runtime.backends import BACKENDS
 from diffusion_engine.runtime.pipeline import GenerationResult, Pipeline
@@ -61,14 +59,7 @@ def save_png(result: GenerationResult, index: int, path: Path) -> None:
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", json.dumps({**result.parameters, "index": index}))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        result.images[index].save(tmp, pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, writer=lambda tmp: result.images[index].save(tmp, format="PNG", pnginfo=info))
 
 
 def demo_engine() -> Path:
