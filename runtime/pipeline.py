@@ -125,6 +125,7 @@ class Pipeline:
         self._check_conditioning(negatives, guidance_rescale)
         size_ids = self._size_ids(height, width, original_size, crops_coords_top_left, target_size)
         plan = self._plan(scheduler, steps)
+        seed = _check_seed(seed)
         if seed is None and latents is None:
             seed = int(np.random.SeedSequence().generate_state(1)[0])
         rng = np.random.default_rng(seed)
@@ -180,7 +181,9 @@ class Pipeline:
         if isinstance(steps, (int, np.integer)) and not d.steps_range[0] <= steps <= d.steps_range[1]:
             logger.warning("%s is made for %d-%d steps; %d asked", self.manifest.family, *d.steps_range, steps)
         guidance_scale = d.guidance_scale if guidance_scale is None else guidance_scale
-        return steps, guidance_scale, scheduler or d.scheduler, height or d.size, width or d.size
+        # None (left out) takes the default; 0 is a size like any other, refused by _check.
+        return (steps, guidance_scale, scheduler or d.scheduler, d.size if height is None else height,
+                d.size if width is None else width)
 
     def _unet_conditioning(
         self, ids: dict[str, np.ndarray], zero_rows: list[int], guidance_scale: float,
@@ -251,12 +254,11 @@ class Pipeline:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         b, multiple = self.manifest.build, self.manifest.dims.size_multiple
         for label, v in (("height", height), ("width", width)):
-            if not isinstance(v, (int, np.integer)) or v % 8:
-                raise ValueError(f"{label} {v!r} must be a multiple of 8")
-            if not b.min_size <= v <= b.max_size or v % multiple:
+            integer = isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+            if not integer or not b.min_size <= v <= b.max_size or v % multiple:
                 raise ValueError(
-                    f"{label} {v} is outside what this engine was built for: {b.min_size}..{b.max_size} "
-                    f"in multiples of {multiple}"
+                    f"{label} {v!r} is not a size this engine takes: a multiple of {multiple} "
+                    f"from {b.min_size} to {b.max_size}"
                 )
         if n > b.max_batch:
             raise ValueError(f"{n} images per call (prompts x batch_size) exceeds the engine's max batch {b.max_batch}")
@@ -271,10 +273,25 @@ class Pipeline:
         self.close()
 
 
+def _check_seed(seed: Any) -> int | None:
+    """None or -1 (A1111's convention): a random seed; else an integer >= 0."""
+    if seed is None or (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed == -1):
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, or -1 (or None) for a random seed, got {seed!r}")
+    return int(seed)
+
+
 def _prompt_lists(prompt: str | Sequence[str], negative: str | Sequence[str]) -> tuple[list[str], list[str]]:
+    if not isinstance(prompt, (str, list, tuple)):
+        raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+    if negative is None:
+        negative = ""
+    if not isinstance(negative, (str, list, tuple)):
+        raise ValueError(f"negative_prompt must be a string or a list of {len(prompts)} strings, got {negative!r}")
     negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
     if len(negatives) != len(prompts) or not all(isinstance(p, str) for p in negatives):
         raise ValueError(f"negative_prompt must be a string or a list of {len(prompts)} strings, got {negative!r}")

@@ -159,9 +159,14 @@ def test_long_prompt_is_truncated_with_warning(pipe, caplog):
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        (dict(height=260), "height 260 must be a multiple of 8"),
-        (dict(width=512), r"width 512 is outside what this engine was built for: 256\.\.384 in multiples of 16"),
-        (dict(height=264), r"height 264 is outside .* 256\.\.384 in multiples of 16"),
+        (dict(height=260), "height 260 is not a size this engine takes: a multiple of 16 from 256 to 384"),
+        (dict(width=512), "width 512 is not a size this engine takes: a multiple of 16 from 256 to 384"),
+        (dict(height=264), "height 264 is not a size this engine takes: a multiple of 16 from 256 to 384"),
+        (dict(height=0), "height 0 is not a size this engine takes"),
+        (dict(width=0), "width 0 is not a size this engine takes"),
+        (dict(prompt=None), "prompt must be a string or a non-empty list of strings, got None"),
+        (dict(seed=-2), r"seed must be an integer >= 0, or -1 \(or None\) for a random seed, got -2"),
+        (dict(seed=1.5), "seed must be an integer"),
         (dict(steps=0), "steps must be an integer >= 1, got 0"),
         (dict(scheduler="karras"), "unknown scheduler 'karras'; valid: ddim, pndm, lms, euler, euler_a, heun"),
         (dict(guidance_scale=-1.0), "guidance_scale must be a finite number >= 0, got -1.0"),
@@ -214,4 +219,14 @@ def test_engine_run_writes_png_with_parameters(tiny_engine, tmp_path, capsys):
     assert main(args[:-2] + ["--out", str(tmp_path / "b.png"), "--batch", "2"]) == 0
     assert (tmp_path / "b-0.png").is_file() and (tmp_path / "b-1.png").is_file()
     assert main(args[:-2] + ["--out", str(tmp_path / "c.png"), "--height", "100"]) == 2
-    assert "height 100 must be a multiple of 8" in capsys.readouterr().err
+    assert "height 100 is not a size this engine takes: a multiple of 16 from 256 to 384" in capsys.readouterr().err
+    assert main(args[:-2] + ["--out", str(tmp_path / "d.png"), "--height", "0"]) == 2
+    assert "height 0 is not a size this engine takes" in capsys.readouterr().err
+    assert not (tmp_path / "d.png").exists()
+
+
+def test_seed_minus_one_is_random(pipe):
+    a = pipe.generate(PROMPT, steps=1, height=256, width=256, seed=-1)
+    assert a.seed is not None and a.seed >= 0
+    b = pipe.generate(PROMPT, steps=1, height=256, width=256, seed=a.seed)
+    np.testing.assert_array_equal(a.array, b.array)
