@@ -275,27 +275,29 @@ class Pipeline:
 
 def _check_seed(seed: Any) -> int | None:
     """None or -1 (A1111's convention): a random seed; else an integer >= 0."""
-    if seed is None or (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed == -1):
+    integer = isinstance(seed, (int, np.integer)) and not isinstance(seed, bool)
+    if seed is None or (integer and seed == -1):
         return None
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    if not integer or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, or -1 (or None) for a random seed, got {seed!r}")
     return int(seed)
 
 
 def _prompt_lists(prompt: str | Sequence[str], negative: str | Sequence[str]) -> tuple[list[str], list[str]]:
-    if not isinstance(prompt, (str, list, tuple)):
-        raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    prompts = _as_list(prompt)
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
-    if negative is None:
-        negative = ""
-    if not isinstance(negative, (str, list, tuple)):
-        raise ValueError(f"negative_prompt must be a string or a list of {len(prompts)} strings, got {negative!r}")
-    negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
-    if len(negatives) != len(prompts) or not all(isinstance(p, str) for p in negatives):
+    negatives = _as_list("" if negative is None else negative, len(prompts))
+    if negatives is None or len(negatives) != len(prompts) or not all(isinstance(p, str) for p in negatives):
         raise ValueError(f"negative_prompt must be a string or a list of {len(prompts)} strings, got {negative!r}")
     return prompts, negatives
+
+
+def _as_list(text: Any, repeat: int = 1) -> list | None:
+    """A string repeated `repeat` times, a list or tuple as a list, anything else None (the caller's error)."""
+    if isinstance(text, str):
+        return [text] * repeat
+    return list(text) if isinstance(text, (list, tuple)) else None
 
 
 def _initial_latents(latents: np.ndarray | None, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
