@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from diffusion_engine.engine.manifest import write_atomic
+from diffusion_engine.engine.atomic import write_atomic
 
 PY = sys.executable
 

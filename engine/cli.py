@@ -7,7 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from diffusion_engine.engine.manifest import Manifest, ManifestError, read_manifest
+from diffusion_engine.engine.atomic import run_cli
+from diffusion_engine.engine.manifest import Manifest, ManifestError, check_files, read_manifest
 from diffusion_engine.engine.trt_build import (
     BuildConfig,
     PlanResult,
@@ -58,17 +59,36 @@ def describe(engine_dir: str, m: Manifest) -> str:
 def info_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="engine-info", description="Print an engine directory's manifest.")
     p.add_argument("engine_dir")
+    p.add_argument("--verify", action="store_true",
+                   help="check every file's size and sha256 against what the export recorded; exit 1 on any difference")
     p.add_argument("--check-trt", action="store_true",
                    help="check every ONNX graph op by op against the TensorRT ONNX parser's supported-operator "
                         "table; exit 1 if anything is unsupported")
     args = p.parse_args(argv)
     try:
-        manifest = read_manifest(args.engine_dir)
+        manifest = read_manifest(args.engine_dir, check_sizes=False)  # a description; --verify checks the files
     except ManifestError as exc:
         print(f"engine-info: error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     print(describe(args.engine_dir, manifest))
-    return check_trt(args.engine_dir, manifest) if args.check_trt else 0
+    status = verify(args.engine_dir, manifest) if args.verify else 0
+    return max(status, check_trt(args.engine_dir, manifest)) if args.check_trt else status
+
+
+def verify(engine_dir: str, manifest: Manifest) -> int:
+    """Print the result of checking every recorded file's size and digest; 1 if any differs."""
+    print()
+    if not manifest.checksums:
+        print("verify        this engine records no checksums (exported before they were added); export it again to get them")
+        return 0
+    problems = check_files(engine_dir, manifest)
+    for problem in problems:
+        print(f"verify        DAMAGED: {problem}")
+    if problems:
+        print(f"verify        {len(problems)} of {len(manifest.checksums)} files differ from the export: export the engine again")
+        return 1
+    print(f"verify        all {len(manifest.checksums)} files have the size and sha256 the export recorded")
+    return 0
 
 
 def check_trt(engine_dir: str, manifest: Manifest) -> int:
@@ -102,6 +122,10 @@ def build_main(argv: list[str] | None = None) -> int:
     p.add_argument("--refittable", action="store_true", help="build refittable plans (weights can be swapped)")
     p.add_argument("--workspace-gib", type=float, help="limit TensorRT's workspace memory pool (default: no limit)")
     args = p.parse_args(argv)
+    return run_cli("engine-build", lambda: build(args))
+
+
+def build(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         toolchain = find_toolchain()  # first, so a machine without TensorRT or a GPU is told at once

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterable
 
+from diffusion_engine.engine.atomic import check_output_dir
+from diffusion_engine.engine.digest import file_digest
 from diffusion_engine.engine.specs import (
     AxisRange,
     BuildRanges,
@@ -83,6 +82,8 @@ class Manifest:
     defaults: dict[str, Any] = field(default_factory=dict)  # size, steps, guidance_scale, scheduler
     tokenizer_2: dict[str, Any] | None = None  # SDXL's second tokenizer, as `tokenizer`
     force_zeros_for_empty_prompt: bool = False  # SDXL: an empty negative prompt is zero conditioning
+    # file name -> {"bytes": size, "sha256": digest} of every file of the engine (not manifest.json itself)
+    checksums: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -103,8 +104,9 @@ class Manifest:
         return component_specs(self.dims)
 
 
-def read_manifest(engine_dir: str | os.PathLike) -> Manifest:
-    """Read and check an engine directory's manifest; ManifestError says what is wrong."""
+def read_manifest(engine_dir: str | os.PathLike, check_sizes: bool = True) -> Manifest:
+    """Read and check an engine directory's manifest (files present, with check_sizes of the recorded
+    sizes: a stat per file); ManifestError says what is wrong."""
     root = Path(engine_dir)
     path = root / MANIFEST
     if not root.is_dir():
@@ -132,7 +134,49 @@ def read_manifest(engine_dir: str | os.PathLike) -> Manifest:
             missing.append(str(tokenizer.get("file")))
     if missing:
         raise ManifestError(f"{root}: files listed in the manifest are missing: {', '.join(missing)}")
+    damaged = check_files(root, manifest, digests=False) if check_sizes else []
+    if damaged:
+        raise EngineFileError(f"{root}: {damaged[0]}; {repair_hint(root)}")
     return manifest
+
+
+class EngineFileError(ManifestError):
+    """A file of an engine directory is damaged (truncated, overwritten, unreadable); the message names it."""
+
+
+def repair_hint(engine_dir: str | os.PathLike) -> str:
+    return f"the engine is damaged: check it with `engine-info --verify {engine_dir}` and export it again"
+
+
+def checksums(root: str | os.PathLike, names: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
+    """{name: {"bytes", "sha256"}} of the named files of root, by default every file but the manifest and hidden ones."""
+    root = Path(root)
+    if names is None:
+        names = sorted(p.name for p in root.iterdir() if p.is_file() and p.name != MANIFEST and not p.name.startswith("."))
+    return {n: {"bytes": (root / n).stat().st_size, "sha256": file_digest([root / n], root)} for n in names}
+
+
+def check_files(root: str | os.PathLike, manifest: Manifest, digests: bool = True) -> list[str]:
+    """What is wrong with the files the manifest's checksums list: missing, another size, (with digests) other bytes."""
+    root, problems = Path(root), []
+    for name, want in manifest.checksums.items():
+        path = root / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif path.stat().st_size != want.get("bytes"):
+            problems.append(f"{name} has {path.stat().st_size:,} bytes, the export wrote {want.get('bytes'):,}")
+        elif digests and file_digest([path], root) != want.get("sha256"):
+            problems.append(f"{name} has other contents than the export wrote (sha256 differs)")
+    return problems
+
+
+def damaged_file(path: str | os.PathLike, exc: BaseException) -> EngineFileError:
+    """The one-line error for an engine file a library could not load."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    return EngineFileError(
+        f"{path} cannot be loaded ({first}): check the engine with `engine-info --verify {Path(path).parent}`; "
+        "if it is damaged, export it again"
+    )
 
 
 def _known(cls: type, d: Any) -> dict[str, Any]:
@@ -153,79 +197,6 @@ def is_engine_directory(path: str | os.PathLike) -> bool:
     return isinstance(d, dict) and isinstance(d.get("format_version"), int) and isinstance(d.get("components"), dict)
 
 
-def check_output_dir(target: str | os.PathLike, overwrite: bool, source: str | os.PathLike | None = None,
-                     replaceable: Callable[[Path], bool] = is_engine_directory, what: str = "an engine directory") -> None:
-    """Raise (before any work) unless target may be written: absent, or with overwrite an empty folder or
-    `replaceable` (by default an engine directory this tool wrote); never the source, inside it or around it."""
-    out = Path(target).expanduser().resolve()
-    if source is not None and Path(source).expanduser().exists():
-        src = Path(source).expanduser().resolve()
-        if out == src or src in out.parents or out in src.parents:
-            raise ValueError(f"--out {target} is the source {source}, inside it or contains it; choose another folder")
-    if not os.path.lexists(out):
-        return
-    if not overwrite:
-        raise FileExistsError(f"{target} already exists; choose another --out or pass --overwrite")
-    if out.is_dir() and not out.is_symlink() and (not any(out.iterdir()) or replaceable(out)):
-        return
-    raise FileExistsError(
-        f"{target} exists and is not {what} written by this tool (nor an empty folder); "
-        "--overwrite replaces only those: choose another --out"
-    )
-
-
-def current_umask() -> int:
-    """The process umask (read by setting and restoring it)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-@contextmanager
-def atomic_directory(
-    target: str | os.PathLike, overwrite: bool = False, source: str | os.PathLike | None = None,
-    replaceable: Callable[[Path], bool] = is_engine_directory, what: str = "an engine directory",
-) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success rename it to target, on failure delete it.
-
-    With overwrite, only an empty folder or one `replaceable` accepts (check_output_dir) is replaced.
-    The folder gets the permissions the umask gives (mkdtemp alone makes it 0700).
-    """
-    check_output_dir(target, overwrite, source, replaceable, what)
-    target = Path(target).expanduser().resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~current_umask())
-        yield tmp
-        if target.exists():
-            aside_tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, aside_tmp / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(aside_tmp, ignore_errors=True)  # only what we just moved aside: the replaced folder
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # our own temporary folder
-        raise
-
-
-def write_atomic(path: str | os.PathLike, data: bytes | str | None = None,
-                 writer: Callable[[Path], None] | None = None) -> None:
-    """Write a file under a temporary name (data, or writer(tmp_path)), then rename it into place.
-
-    The file gets the permissions the umask gives (mkstemp alone makes it 0600).
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            if writer is None:
-                fh.write(data.encode() if isinstance(data, str) else data)
-        if writer is not None:
-            writer(Path(tmp))
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def check_engine_out(target: str | os.PathLike, overwrite: bool, source: str | os.PathLike | None = None) -> None:
+    """check_output_dir for an engine directory: with overwrite, only one this tool wrote (or an empty folder)."""
+    check_output_dir(target, overwrite, source, is_engine_directory, "an engine directory")

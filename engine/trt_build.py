@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from diffusion_engine.engine.digest import file_digest
-from diffusion_engine.engine.manifest import MANIFEST, ComponentEntry, Manifest, write_atomic
+from diffusion_engine.engine.atomic import write_atomic
+from diffusion_engine.engine.manifest import MANIFEST, ComponentEntry, Manifest, checksums
 from diffusion_engine.engine.specs import (
     BATCH, HEIGHT, LATENT_HEIGHT, LATENT_WIDTH, UNET_BATCH, WIDTH, AxisRange, BuildRanges, ModelDims,
 )
@@ -39,6 +40,10 @@ Size = tuple[int, int]  # (height, width) in pixels
 
 class TrtUnavailable(RuntimeError):
     """No TensorRT Python package or no CUDA GPU here; the message says which and what runs instead."""
+
+    def __init__(self, message: str, brief: str | None = None):
+        super().__init__(message)
+        self.brief = brief or message  # a few words, for the backend choice's -v line
 
 
 class TrtBuildError(RuntimeError):
@@ -325,20 +330,26 @@ class Toolchain:
 
 def find_toolchain() -> Toolchain:
     """Import tensorrt and find a CUDA GPU, or raise TrtUnavailable naming what is missing; reads no graphs."""
-    missing, trt, gpu = [], None, None
+    missing, brief, trt, gpu = [], [], None, None
     try:
         trt = importlib.import_module("tensorrt")
     except ImportError as exc:
         missing.append(f"the `tensorrt` Python package is not installed ({exc}; pip install 'diffusion-engine[trt]')")
+        brief.append("no tensorrt package")
     else:
         if _version_tuple(trt.__version__) < MIN_TENSORRT:
             missing.append(f"tensorrt {trt.__version__} is too old: TensorRT >= 10.0 is needed")
+            brief.append(f"tensorrt {trt.__version__} < 10")
     try:
         gpu = cuda_device()
     except TrtUnavailable as exc:
         missing.append(str(exc))
+        brief.append(exc.brief)
     if missing:
-        raise TrtUnavailable(f"TensorRT plans need the `tensorrt` package and a CUDA GPU: {'; '.join(missing)}. {ORT_HINT}")
+        raise TrtUnavailable(
+            f"TensorRT plans need the `tensorrt` package and a CUDA GPU: {'; '.join(missing)}. {ORT_HINT}",
+            brief="; ".join(brief),
+        )
     return Toolchain(trt, trt.__version__, *gpu)
 
 
@@ -353,7 +364,7 @@ def _cudart() -> Any:
     try:
         return cudart()
     except RuntimeError as exc:
-        raise TrtUnavailable(f"no CUDA GPU can be found: {exc}") from exc
+        raise TrtUnavailable(f"no CUDA GPU can be found: {exc}", brief="no CUDA GPU (cuda-python missing)") from exc
 
 
 def cuda_device() -> tuple[str, str]:
@@ -362,9 +373,9 @@ def cuda_device() -> tuple[str, str]:
     ok = cudart.cudaError_t.cudaSuccess
     err, count = cudart.cudaGetDeviceCount()  # cuda-python returns (error, value...) tuples
     if err != ok:
-        raise TrtUnavailable(f"no CUDA GPU is visible (cudaGetDeviceCount: {getattr(err, 'name', err)})")
+        raise TrtUnavailable(f"no CUDA GPU is visible (cudaGetDeviceCount: {getattr(err, 'name', err)})", "no CUDA GPU")
     if count < 1:
-        raise TrtUnavailable("no CUDA GPU is visible (cudaGetDeviceCount: 0 devices)")
+        raise TrtUnavailable("no CUDA GPU is visible (cudaGetDeviceCount: 0 devices)", "no CUDA GPU")
     err, device = cudart.cudaGetDevice()
     err2, prop = cudart.cudaGetDeviceProperties(device) if err == ok else (err, None)
     if err2 != ok:
@@ -471,6 +482,7 @@ def build_engine(engine_dir: str | Path, manifest: Manifest, config: BuildConfig
     for name, entry in manifest.components.items():
         result, timing = build_component(root, name, entry, profiles[name], config, tc, timing, cache_path)
         entry.plans = merge_plans(entry.plans, result.plan)
+        manifest.checksums.update(checksums(root, [result.plan["file"]]))
         results.append(result)
         write_atomic(root / MANIFEST, manifest.to_json())  # after each plan: an interrupted build keeps what it made
     return results

@@ -111,17 +111,29 @@ def load_checkpoint(source: str, config: str | None = None, family: str | None =
 
     `family` overrides the detected family within the checkpoint's architecture (export/families.py).
     """
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return _from_folder(path, source, "diffusers-folder", family)
-    if path.is_file():
+    path, kind = Path(source).expanduser(), source_kind(source)
+    if kind == "diffusers-folder":
+        return _from_folder(path, source, kind, family)
+    if kind == "single-file":
         from diffusion_engine.export.single_file import load_single_file
 
         pipe = load_single_file(path, config=config)
         detected = _family(pipe, path, family)
-        return Checkpoint(str(path), "single-file", detected, pipe, file_digest([path]))
+        return Checkpoint(str(path), kind, detected, pipe, file_digest([path]))
+    return _from_folder(_download(source), source, kind, family)
+
+
+def source_kind(source: str) -> str:
+    """"diffusers-folder", "single-file" or "hub", decided without loading anything; else CheckpointError."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise CheckpointError(f"{path} is not a diffusers checkpoint: it has no model_index.json")
+        return "diffusers-folder"
+    if path.is_file():
+        return "single-file"
     if _HUB_ID.match(source) and not source.startswith((".", "~")):
-        return _from_folder(_download(source), source, "hub", family)
+        return "hub"
     raise CheckpointError(f"{source}: no such file or folder, and not a hub id of the form 'org/name'")
 
 

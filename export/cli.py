@@ -6,11 +6,15 @@ import argparse
 import logging
 import sys
 import time
+import warnings
 
 from tqdm import tqdm
 
-from diffusion_engine.engine.manifest import check_output_dir
+from diffusion_engine.engine.atomic import run_cli
+from diffusion_engine.engine.extras import require
+from diffusion_engine.engine.manifest import check_engine_out
 from diffusion_engine.engine.specs import FAMILIES, BuildRanges, validate_build_ranges
+from diffusion_engine.export.checkpoint import source_kind
 
 STAGES = ("load checkpoint", "tokenizer", "text_encoder", "unet", "vae_decoder", "step graphs")
 
@@ -60,14 +64,30 @@ def format_table(reports) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return run_cli("engine-export", lambda: export(args))
+
+
+def export(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("diffusion_engine").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    try:  # bad sizes and a forbidden --out fail here, before the heavy imports and any loading
+    try:  # bad arguments fail here, before the heavy imports and any loading
         validate_build_ranges(args.min_size, args.max_size, args.max_batch)
-        check_output_dir(args.out, args.overwrite, args.model)
-    except (ValueError, FileExistsError) as exc:
+        source_kind(args.model)
+        check_engine_out(args.out, args.overwrite, args.model)
+        require("export", "engine-export")
+    except (ValueError, OSError, ImportError) as exc:
         print(f"engine-export: error: {exc}", file=sys.stderr)
         return 2
+    # Library warnings (deprecations inside torch, exporter notes) are nothing a user can act on: -v shows them.
+    with warnings.catch_warnings():
+        if args.verbose:
+            logging.captureWarnings(True)
+        else:
+            warnings.simplefilter("ignore")
+        return _export(args)
+
+
+def _export(args: argparse.Namespace) -> int:
     from diffusion_engine.export.exporter import ExportOptions, export_engine
 
     _quiet_libraries()
@@ -84,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             manifest, reports = export_engine(args.model, args.out, options, config=args.config, progress=progress)
-        except (ValueError, FileExistsError, RuntimeError) as exc:
+        except (ValueError, OSError, RuntimeError) as exc:
             bar.close()
             print(f"engine-export: error: {exc}", file=sys.stderr)
             return 1

@@ -12,13 +12,14 @@ from typing import Callable
 import numpy as np
 import onnx
 
+from diffusion_engine.engine.atomic import atomic_directory, write_atomic
 from diffusion_engine.engine.manifest import (
     MANIFEST,
     ComponentEntry,
     Manifest,
-    atomic_directory,
-    check_output_dir,
-    write_atomic,
+    check_engine_out,
+    checksums,
+    is_engine_directory,
 )
 from diffusion_engine.engine.specs import (
     COMPONENTS,
@@ -82,13 +83,13 @@ def export_engine(
     progress: Progress = lambda stage: None,
 ) -> tuple[Manifest, list[ComponentReport]]:
     """Load `source`, export every component, validate it, and write the engine directory atomically."""
-    check_output_dir(out, options.overwrite, source)  # before any loading: never the source, never a user's folder
+    check_engine_out(out, options.overwrite, source)  # before any loading: never the source, never a user's folder
     progress("load checkpoint")
     ckpt = load_checkpoint(source, config=config, family=options.family)
     dims = ckpt.dims
     check_ranges(options.ranges, dims)
     specs = component_specs(dims)
-    with atomic_directory(out, overwrite=options.overwrite, source=source) as tmp:
+    with atomic_directory(out, options.overwrite, source, is_engine_directory, "an engine directory") as tmp:
         progress("tokenizer")
         tokenizer = save_tokenizer(ckpt.pipeline.tokenizer, tmp, TOKENIZER_FILE)
         second = getattr(ckpt.pipeline, "tokenizer_2", None)
@@ -106,7 +107,7 @@ def export_engine(
             scheduler_config=ckpt.scheduler_config, tokenizer=tokenizer, components=entries,
             source={"checkpoint": ckpt.source, "kind": ckpt.kind, "digest": ckpt.digest},
             tool_versions=tool_versions(), defaults=generation_defaults(ckpt), tokenizer_2=tokenizer_2,
-            force_zeros_for_empty_prompt=ckpt.force_zeros_for_empty_prompt,
+            force_zeros_for_empty_prompt=ckpt.force_zeros_for_empty_prompt, checksums=checksums(tmp),
         )
         write_atomic(tmp / MANIFEST, manifest.to_json())  # written last: its presence marks a complete export
     return manifest, reports

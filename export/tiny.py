@@ -9,7 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-from diffusion_engine.engine.manifest import atomic_directory, check_output_dir
+from diffusion_engine.engine.atomic import atomic_directory, check_output_dir, run_cli
+from diffusion_engine.engine.extras import require
 
 logger = logging.getLogger(__name__)
 
@@ -281,9 +282,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
+    return run_cli("engine-tiny", lambda: _build(args))
+
+
+def _build(args: argparse.Namespace) -> int:
     try:
+        require("export", "engine-tiny")
         print(build_tiny(args.family, args.out, seed=args.seed, overwrite=args.overwrite))
-    except (FileExistsError, ValueError) as exc:
+    except (OSError, ValueError, ImportError) as exc:
         print(f"engine-tiny: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -12,7 +12,7 @@ from typing import Any, Callable, ContextManager
 from diffusion_engine.engine.manifest import Manifest
 from diffusion_engine.engine.specs import UNET
 from diffusion_engine.runtime.denoise import HostLoop
-from diffusion_engine.runtime.session import OrtCpuSession, Session
+from diffusion_engine.runtime.session import BackendUnavailable, OrtCpuSession, Session
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +36,8 @@ class Components:
             s.close()
 
 
-def trt_ready(engine_dir: Path, manifest: Manifest, names: tuple[str, ...]) -> str | None:
-    """None if TensorRT, a GPU and fitting plans for every component are here; else what is missing."""
+def trt_unavailable(manifest: Manifest, names: tuple[str, ...]) -> BackendUnavailable | None:
+    """None if TensorRT, a GPU and fitting plans for every component are here; else why not."""
     try:
         from diffusion_engine.engine.trt_build import find_toolchain, select_plan
 
@@ -45,25 +45,45 @@ def trt_ready(engine_dir: Path, manifest: Manifest, names: tuple[str, ...]) -> s
         for n in names:
             select_plan(n, manifest.components[n], tc.tensorrt_version, tc.compute_capability)
     except Exception as exc:  # TrtUnavailable, PlanMismatch, missing packages: all mean "not trt"
-        return str(exc)
+        return BackendUnavailable(f"--backend trt: {exc}", getattr(exc, "brief", None))
+    return None
+
+
+def ort_cuda_unavailable() -> BackendUnavailable | None:
+    """None if onnxruntime has its CUDA provider and a GPU is visible; else why not."""
+    from diffusion_engine.runtime import cuda, ort_cuda
+
+    if not ort_cuda.available():
+        return BackendUnavailable(
+            f"--backend ort-cuda needs onnxruntime-gpu (this onnxruntime has {', '.join(ort_cuda.providers())}): "
+            "pip uninstall onnxruntime && pip install onnxruntime-gpu, or use --backend ort-cpu",
+            brief="no onnxruntime-gpu",
+        )
+    if cuda.device_count() < 1:
+        return BackendUnavailable("--backend ort-cuda needs a CUDA GPU and none is visible; use --backend ort-cpu",
+                                  brief="no CUDA GPU")
     return None
 
 
 def pick_backend(name: str, engine_dir: Path, manifest: Manifest, names: tuple[str, ...]) -> str:
-    """'auto': trt with a GPU, TensorRT and matching plans, else ort-cuda if usable, else ort-cpu."""
+    """'auto': trt with a GPU, TensorRT and matching plans, else ort-cuda if usable, else ort-cpu.
+
+    A backend named outright must be usable here, else BackendUnavailable says why and what to do.
+    """
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; valid: {', '.join(BACKENDS)}")
+    if name == "ort-cuda" and (why := ort_cuda_unavailable()) is not None:
+        raise why
     if name != "auto":
-        return name
-    why_not_trt = trt_ready(engine_dir, manifest, names)
-    if why_not_trt is None:
-        chosen = "trt"
-    else:
-        from diffusion_engine.runtime import cuda, ort_cuda
-
-        chosen = "ort-cuda" if ort_cuda.available() and cuda.device_count() > 0 else "ort-cpu"
-        logger.info("not using TensorRT: %s", why_not_trt)
-    logger.info("backend %s (asked for auto)", chosen)
+        return name  # trt: TrtBackend loads the plans and says what is missing
+    chosen, reasons = "ort-cpu", []
+    for candidate, check in (("trt", lambda: trt_unavailable(manifest, names)), ("ort-cuda", ort_cuda_unavailable)):
+        why = check()
+        if why is None:
+            chosen = candidate
+            break
+        reasons.append(f"; not {candidate}: {why.brief}")
+    logger.debug("backend %s (auto%s)", chosen, "".join(reasons))
     return chosen
 
 

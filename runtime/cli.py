@@ -11,10 +11,12 @@ from pathlib import Path
 from PIL import PngImagePlugin
 from tqdm import tqdm
 
-from diffusion_engine.engine.manifest import ManifestError, write_atomic
+from diffusion_engine.engine.atomic import check_output_file, run_cli, write_atomic
+from diffusion_engine.engine.manifest import ManifestError
 from diffusion_engine.runtime import demo
 from diffusion_engine.runtime.backends import BACKENDS
 from diffusion_engine.runtime.pipeline import GenerationResult, Pipeline
+from diffusion_engine.runtime.session import BackendUnavailable
 from diffusion_engine.runtime.samplers import SAMPLERS
 
 
@@ -47,11 +49,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def output_paths(out: str, n: int) -> list[Path]:
-    """out itself for one image; out-<i>.png for several."""
+    """out itself for one image; out-<i>.png for several; each checked writable before any model runs."""
     path = Path(out)
     if path.suffix.lower() != ".png":
         raise ValueError(f"--out {out!r} must end in .png")
-    return [path] if n == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
+    paths = [path] if n == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
+    for p in paths:
+        try:
+            check_output_file(p)
+        except OSError as exc:
+            raise ValueError(f"--out {exc}") from exc
+    return paths
 
 
 def save_png(result: GenerationResult, index: int, path: Path) -> None:
@@ -71,32 +79,56 @@ def demo_engine() -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return run_cli("engine-run", lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("diffusion_engine").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         paths = output_paths(args.out, args.batch)
         engine = args.engine or demo_engine()
-        with Pipeline.load(engine, backend=args.backend, cuda_graphs=not args.no_cuda_graph) as pipe, tqdm(unit="step", file=sys.stderr) as bar:
-            def progress(done: int, total: int) -> None:
-                bar.total = total
-                bar.update(done - bar.n)
-
+        with Pipeline.load(engine, backend=args.backend, cuda_graphs=not args.no_cuda_graph) as pipe, StepBar() as bar:
             result = pipe.generate(
                 args.prompt, args.negative_prompt, steps=args.steps, guidance_scale=args.guidance,
                 scheduler=args.scheduler, seed=args.seed, height=args.height, width=args.width,
-                batch_size=args.batch, progress=progress, guidance_rescale=args.guidance_rescale,
+                batch_size=args.batch, progress=bar.update, guidance_rescale=args.guidance_rescale,
             )
-    except (ValueError, ManifestError, demo.DemoError) as exc:
+    except (ValueError, ManifestError, demo.DemoError, BackendUnavailable) as exc:
         print(f"engine-run: error: {exc}", file=sys.stderr)
         return 2
     for i, path in enumerate(paths):
-        save_png(result, i, path)
+        try:
+            save_png(result, i, path)
+        except OSError as exc:  # checked before generating; a full disk or a folder removed since shows here
+            print(f"engine-run: error: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
         print(f"wrote {path}")
     p = result.parameters
     print(f"{p['width']}x{p['height']}, {p['steps']} steps of {p['scheduler']}, guidance {p['guidance_scale']}, "
           f"seed {result.seed}, backend {p['backend']}")
     print("  ".join(f"{k} {v * 1000:.1f} ms" for k, v in result.timings.items()))
     return 0
+
+
+class StepBar:
+    """A tqdm bar of UNet evaluations, opened at the first report (when the total is known: no empty `0step` bar)."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+
+    def update(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = tqdm(total=total, unit="step", file=sys.stderr)
+        self.bar.total = total
+        self.bar.update(done - self.bar.n)
+
+    def __enter__(self) -> "StepBar":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ the runtime never imports, so it runs as a subprocess: `python -m diffusion_engi
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import os
 import subprocess
@@ -21,7 +20,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from diffusion_engine.engine.digest import file_digest
-from diffusion_engine.engine.manifest import MANIFEST
+from diffusion_engine.engine.extras import missing_modules
+from diffusion_engine.engine.manifest import MANIFEST, ManifestError, check_files, is_engine_directory, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +30,6 @@ DEFAULT_CACHE = "~/.cache/diffusion-engine"
 CHECKPOINT_PACKAGE, CHECKPOINT = "diffusion_engine.train", "demo-checkpoint"
 # Trained at 64x64 (the manifest's default size); the engine also takes up to 128, in steps of 16.
 MIN_SIZE, MAX_SIZE, MAX_BATCH = 64, 128, 4
-# What `python -m diffusion_engine.export.cli` imports: the [export] extra.
-EXPORT_MODULES = ("torch", "diffusers", "transformers", "onnx", "onnxscript")
 DESCRIPTION = (
     "a tiny model trained from scratch on 64x64 images of one shape, prompted as "
     "'a COLOR SHAPE on a COLOR background' (colours red, green, blue, yellow, white, black; "
@@ -39,6 +37,7 @@ DESCRIPTION = (
 )
 
 Say = Callable[[str], None]
+UNCHECKED = "was exported before engines carried checksums"  # a flaw of a cache made by an older version
 
 
 class DemoError(RuntimeError):
@@ -89,12 +88,15 @@ def export_command(checkpoint: Path, out: Path) -> list[str]:
 
 
 def ensure_engine(say: Say = lambda message: None) -> DemoModel:
-    """The demo engine, exported first if the cache has none; `say` hears about a coming export."""
+    """The demo engine, exported first if the cache has none or a damaged one; `say` hears about a coming export."""
     checkpoint = checkpoint_dir()
     out = engine_dir_for(checkpoint)
-    if (out / MANIFEST).is_file():
+    flaw = _flaw(out) if (out / MANIFEST).is_file() else None
+    if (out / MANIFEST).is_file() and flaw is None:
         return DemoModel(checkpoint, out, exported=False)
-    missing = [m for m in EXPORT_MODULES if importlib.util.find_spec(m) is None]
+    missing = missing_modules("export")
+    if missing and flaw == UNCHECKED:  # it works; it is exported again (with checksums) once [export] is here
+        return DemoModel(checkpoint, out, exported=False)
     if missing:
         raise DemoError(
             f"the built-in demo model must be exported once, which needs the [export] extra "
@@ -102,11 +104,31 @@ def ensure_engine(say: Say = lambda message: None) -> DemoModel:
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     with _locked(out.parent / f".{out.name}.lock"):
-        if (out / MANIFEST).is_file():  # another process exported it while we waited
+        flaw = _flaw(out) if (out / MANIFEST).is_file() else None
+        if (out / MANIFEST).is_file() and flaw is None:  # another process exported it while we waited
             return DemoModel(checkpoint, out, exported=False)
-        say(f"exporting the built-in demo model once into {out} (about a minute; later runs reuse it)")
+        if os.path.lexists(out) and not is_engine_directory(out):
+            raise DemoError(f"the demo engine cache {out} is damaged (its manifest is unreadable); delete that folder")
+        again = f"again, as the cached one {flaw}, " if os.path.lexists(out) else "once "
+        say(f"exporting the built-in demo model {again}into {out} (about a minute; later runs reuse it)")
         _export(checkpoint, out)
     return DemoModel(checkpoint, out, exported=True)
+
+
+def _flaw(engine_dir: Path) -> str | None:
+    """None if the cached engine reads and every file has the size and digest its export recorded (a few MB);
+    else what is wrong with it, for the message."""
+    try:
+        manifest = read_manifest(engine_dir)
+        problems = check_files(engine_dir, manifest)
+    except ManifestError as exc:
+        problems = [str(exc)]
+    else:
+        if not manifest.checksums:
+            return UNCHECKED
+    for problem in problems:
+        logger.warning("demo engine %s: %s", engine_dir, problem)
+    return "is damaged" if problems else None
 
 
 def _export(checkpoint: Path, out: Path) -> None:

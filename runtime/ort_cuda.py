@@ -10,6 +10,7 @@ from typing import Any, Mapping
 import numpy as np
 import onnxruntime as ort
 
+from diffusion_engine.engine.manifest import damaged_file
 from diffusion_engine.engine.specs import AxisRange, ComponentSpec
 from diffusion_engine.runtime.session import Session
 
@@ -22,7 +23,12 @@ _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(i
 
 def available() -> bool:
     """Whether this onnxruntime build has the CUDA execution provider."""
-    return PROVIDER in ort.get_available_providers()
+    return PROVIDER in providers()
+
+
+def providers() -> list[str]:
+    """The execution providers this onnxruntime build has."""
+    return list(ort.get_available_providers())
 
 
 @dataclass(frozen=True)
@@ -57,7 +63,10 @@ class OrtCudaSession(Session):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
         providers = [(PROVIDER, {"device_id": device_id}), "CPUExecutionProvider"]
-        self._session = ort.InferenceSession(str(path), opts, providers=providers)
+        try:
+            self._session = ort.InferenceSession(str(path), opts, providers=providers)
+        except Exception as exc:  # onnxruntime raises bare Exception subclasses (InvalidProtobuf, Fail)
+            raise damaged_file(path, exc) from exc
         if PROVIDER not in self._session.get_providers():
             raise RuntimeError(f"{path}: onnxruntime could not start {PROVIDER}")
         self._device_id = device_id

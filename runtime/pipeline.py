@@ -16,6 +16,7 @@ from diffusion_engine.engine.manifest import Manifest, read_manifest
 from diffusion_engine.engine.specs import (
     COMPONENTS,
     ENCODER_HIDDEN_STATES,
+    EVALUATIONS,
     FAMILY_DEFAULTS,
     IMAGES,
     INPUT_IDS,
@@ -102,6 +103,40 @@ class Pipeline:
     def _make_plan(self, scheduler: str, steps: int) -> SamplerPlan:
         return make_plan(scheduler, self.manifest.scheduler_config, steps)
 
+    def _sampler_plan(self, scheduler: str, steps: int) -> SamplerPlan:
+        """The plan, or one error naming the step limit of this sampler on this engine (its scheduler config
+        and the step graph's longest table) where `steps` is past it."""
+        try:
+            plan = self._plan(scheduler, steps)
+            if plan.num_evaluations <= self._max_evaluations:
+                return plan
+        except ValueError:
+            pass
+        limit = self._max_steps(scheduler)
+        if limit is None:
+            raise ValueError(f"{scheduler} cannot run with this engine's scheduler config; choose another scheduler")
+        raise ValueError(f"steps {steps} is more than {scheduler} takes on this engine: 1 to {limit}")
+
+    @property
+    def _max_evaluations(self) -> int:
+        """The longest coefficient table (UNet evaluations per image) the step graphs were built for."""
+        return min(self.manifest.components[n].axis_ranges[EVALUATIONS]["max"] for n in STEP_GRAPHS
+                   if n in self.manifest.components)
+
+    def _max_steps(self, scheduler: str) -> int | None:
+        """The most steps `scheduler` can take here (bisection: a plan that works for n works for fewer)."""
+        def fits(n: int) -> bool:
+            try:
+                return self._plan(scheduler, n).num_evaluations <= self._max_evaluations
+            except ValueError:
+                return False
+
+        lo, hi = 0, int(self.manifest.scheduler_config.get("num_train_timesteps", 1000))
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        return lo or None
+
     def generate(
         self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] = "", steps: int | None = None,
         guidance_scale: float | None = None, scheduler: str | None = None, seed: int | None = None,
@@ -124,7 +159,7 @@ class Pipeline:
         self._check(steps, guidance_scale, scheduler, height, width, batch_size, n)
         self._check_conditioning(negatives, guidance_rescale)
         size_ids = self._size_ids(height, width, original_size, crops_coords_top_left, target_size)
-        plan = self._plan(scheduler, steps)
+        plan = self._sampler_plan(scheduler, steps)
         seed = _check_seed(seed)
         if seed is None and latents is None:
             seed = int(np.random.SeedSequence().generate_state(1)[0])

@@ -11,9 +11,18 @@ from typing import Any, Mapping
 import numpy as np
 import onnxruntime as ort
 
+from diffusion_engine.engine.manifest import damaged_file
 from diffusion_engine.engine.specs import AxisRange, ComponentSpec
 
 logger = logging.getLogger(__name__)
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend asked for cannot run here (no TensorRT, no GPU, no onnxruntime-gpu, no plans); says what to do."""
+
+    def __init__(self, message: str, brief: str | None = None):
+        super().__init__(message)
+        self.brief = brief or message  # a few words, for the -v line of the automatic choice
 
 
 class Session(ABC):
@@ -62,7 +71,10 @@ class OrtCpuSession(Session):
         opts.intra_op_num_threads = threads or cpu_threads()
         opts.inter_op_num_threads = 1  # components run one after another
         opts.log_severity_level = 3
-        self._session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        try:
+            self._session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises bare Exception subclasses (InvalidProtobuf, Fail)
+            raise damaged_file(path, exc) from exc
         self._outputs = [o.name for o in self._session.get_outputs()]
         declared = sorted(i.name for i in self._session.get_inputs())
         if declared != sorted(t.name for t in spec.inputs):

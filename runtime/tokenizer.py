@@ -9,6 +9,8 @@ from typing import Any, Sequence
 import numpy as np
 from tokenizers import Tokenizer
 
+from diffusion_engine.engine.manifest import damaged_file
+
 logger = logging.getLogger(__name__)
 
 
@@ -16,7 +18,10 @@ class PromptTokenizer:
     """CLIP tokenization: truncate to max_length (with a warning), pad with the pad id."""
 
     def __init__(self, path: str | Path, max_length: int, pad_token_id: int, **_: Any):
-        self.tokenizer = Tokenizer.from_file(str(path))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception for unreadable JSON
+            raise damaged_file(path, exc) from exc
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
         self.max_length = max_length
@@ -33,8 +38,13 @@ class PromptTokenizer:
             ids = enc.ids
             if len(ids) > self.max_length:
                 # Keep the end-of-text token, as the CLIP tokenizer's truncation does.
-                dropped = self.tokenizer.decode(ids[self.max_length - 1 : -1])
-                logger.warning("prompt truncated to %d tokens; dropped: %r", self.max_length, dropped)
+                logger.warning("the prompt is longer than the %d tokens the text encoder reads; dropped: %r",
+                               self.max_length, self.text(ids[self.max_length - 1 : -1]))
                 ids = ids[: self.max_length - 1] + ids[-1:]
             out[i, : len(ids)] = ids
         return out
+
+    def text(self, ids: Sequence[int]) -> str:
+        """The words of token ids: CLIP's BPE marks word ends with </w>, which decoding leaves in."""
+        pieces = self.tokenizer.decode(list(ids), skip_special_tokens=True).replace("</w>", " ")
+        return " ".join(pieces.split())

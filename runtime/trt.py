@@ -30,7 +30,7 @@ from diffusion_engine.engine.specs import (
 )
 from diffusion_engine.runtime.cuda import CudaGraph, DeviceArray, DeviceBuffer, Stream, copy_async
 from diffusion_engine.runtime.denoise import LoopInputs, Progress
-from diffusion_engine.runtime.session import Session
+from diffusion_engine.runtime.session import BackendUnavailable, Session
 
 logger = logging.getLogger(__name__)
 
@@ -193,10 +193,13 @@ class TrtBackend:
     """Loads every component's plan for this GPU, one stream, one shared activation allocation."""
 
     def __init__(self, engine_dir: Path, manifest: Manifest, names: tuple[str, ...], cuda_graphs: bool = True):
-        from diffusion_engine.engine.trt_build import find_toolchain, load_plan
+        from diffusion_engine.engine.trt_build import PlanMismatch, TrtUnavailable, find_toolchain, load_plan
 
-        tc = find_toolchain()
-        loaded = {n: load_plan(engine_dir, manifest, n, tc) for n in names}  # PlanMismatch: never a blind load
+        try:
+            tc = find_toolchain()
+            loaded = {n: load_plan(engine_dir, manifest, n, tc) for n in names}  # PlanMismatch: never a blind load
+        except (TrtUnavailable, PlanMismatch) as exc:
+            raise BackendUnavailable(f"--backend trt: {exc}", getattr(exc, "brief", None)) from exc
         self.stream = Stream()
         # Contexts run one after another: the largest need serves all (ICudaEngine.device_memory_size_v2).
         self.activations = DeviceBuffer(max(p.engine.device_memory_size_v2 for p in loaded.values()))

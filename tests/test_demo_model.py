@@ -4,6 +4,9 @@ diffusers, and `engine-run` without `--engine` exports it once into the cache an
 from __future__ import annotations
 
 import contextlib
+import logging
+import shutil
+import importlib.util
 import io
 import os
 from dataclasses import dataclass
@@ -51,19 +54,34 @@ def run_cli(args: list[str]) -> Run:
     return Run(code, out.getvalue(), err.getvalue())
 
 
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 @pytest.fixture(scope="session")
-def first_run(tmp_path_factory) -> tuple[Run, Path, Path]:
-    """engine-run without --engine on an empty cache: the session's one export of the demo model."""
+def first_run(tmp_path_factory) -> tuple[Run, Path, Path, list[str]]:
+    """engine-run without --engine on an empty cache: the session's one export of the demo model
+    (with the demo module's debug log, which holds the export subprocess's output)."""
     cache = tmp_path_factory.mktemp("demo-cache")
     image = cache.parent / "first.png"
-    with cache_at(cache):
-        run = run_cli(["--prompt", PROMPT, "--seed", "0", "--out", str(image)])
-    return run, cache, image
+    log, records = logging.getLogger(demo.__name__), Records()
+    log.addHandler(records)
+    try:
+        with cache_at(cache):
+            run = run_cli(["--prompt", PROMPT, "--seed", "0", "--out", str(image), "-v"])
+    finally:
+        log.removeHandler(records)
+    return run, cache, image, records.messages
 
 
 @pytest.fixture(scope="session")
 def demo_engine(first_run) -> Path:
-    run, cache, _ = first_run
+    run, cache, _, _ = first_run
     assert run.code == 0, run.err
     engines = list(cache.glob("demo-*"))
     assert len(engines) == 1 and (engines[0] / MANIFEST).is_file(), engines
@@ -71,7 +89,7 @@ def demo_engine(first_run) -> Path:
 
 
 def test_first_run_exports_into_the_cache_and_generates(first_run, demo_engine):
-    run, cache, image = first_run
+    run, cache, image, _ = first_run
     assert "exporting the built-in demo model once into" in run.err
     assert "using the built-in demo model" in run.out
     assert demo_engine == cache / f"demo-{demo.checkpoint_digest(demo.checkpoint_dir())[:12]}"
@@ -79,7 +97,7 @@ def test_first_run_exports_into_the_cache_and_generates(first_run, demo_engine):
 
 
 def test_second_run_reuses_the_export(first_run, demo_engine, tmp_path, monkeypatch):
-    _, cache, _ = first_run
+    _, cache, _, _ = first_run
     manifest_time = (demo_engine / MANIFEST).stat().st_mtime_ns
 
     def no_export(*args, **kwargs):
@@ -95,8 +113,8 @@ def test_second_run_reuses_the_export(first_run, demo_engine, tmp_path, monkeypa
 
 
 def test_missing_export_extra_is_a_clear_error(tmp_path, monkeypatch):
-    real = demo.importlib.util.find_spec
-    monkeypatch.setattr(demo.importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
     with cache_at(tmp_path / "empty-cache"):
         run = run_cli(["--prompt", PROMPT, "--out", str(tmp_path / "x.png")])
     assert run.code == 2
@@ -146,3 +164,40 @@ def test_matches_diffusers(pipe):
     score = psnr(ours.array, theirs)
     print(f"PSNR demo model vs diffusers (ddim, 20 steps, guidance 7.5): {score:.1f} dB")
     assert score >= 40.0
+
+
+def test_the_export_shows_no_library_warnings(first_run):
+    """torch / transformers / onnx warnings a user cannot act on are filtered from engine-export's output."""
+    _, _, _, messages = first_run
+    output = next(m for m in messages if m.startswith("export output:"))
+    print(output[-600:])
+    assert "wrote " in output and "Warning" not in output and "warn" not in output.lower()
+
+
+def test_a_damaged_cache_is_exported_again(demo_engine, tmp_path, monkeypatch):
+    """A flipped byte (same size) in the cached engine is found by its checksums; the engine is exported again."""
+    cache = tmp_path / "cache"
+    cached = cache / demo_engine.name
+    shutil.copytree(demo_engine, cached)
+    unet = bytearray((cached / "unet.fp32.onnx").read_bytes())
+    unet[-64] ^= 0xFF
+    (cached / "unet.fp32.onnx").write_bytes(bytes(unet))
+    exports = []
+
+    def export(checkpoint, out):  # stands in for the subprocess first_run already ran for real
+        exports.append(out)
+        shutil.rmtree(out)
+        shutil.copytree(demo_engine, out)
+
+    monkeypatch.setattr(demo, "_export", export)
+    said = []
+    with cache_at(cache):
+        model = demo.ensure_engine(say=said.append)
+        again = demo.ensure_engine(say=said.append)
+    print(said)
+    assert exports == [cached] and model.exported and not again.exported
+    assert "again, as the cached one is damaged" in said[0] and len(said) == 1
+    assert (cached / "unet.fp32.onnx").read_bytes() == (demo_engine / "unet.fp32.onnx").read_bytes()
+    (cached / MANIFEST).write_text("{not json")
+    with cache_at(cache), pytest.raises(demo.DemoError, match=f"{cached} is damaged .*; delete that folder"):
+        demo.ensure_engine()

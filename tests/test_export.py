@@ -189,7 +189,7 @@ def test_cli_failure_leaves_no_engine_dir(tiny_checkpoint, tmp_path, capsys):
     from diffusion_engine.export.cli import main
 
     out = tmp_path / "e"
-    assert main([str(tmp_path / "nowhere"), "--out", str(out)]) == 1
+    assert main([str(tmp_path / "nowhere"), "--out", str(out)]) == 2
     assert "no such file or folder" in capsys.readouterr().err
     assert not out.exists() and leftovers(tmp_path) == []
 

@@ -150,10 +150,19 @@ def test_concurrent_generate_equals_serial(pipe):
         np.testing.assert_array_equal(results[i], arr)
 
 
-def test_long_prompt_is_truncated_with_warning(pipe, caplog):
+def test_long_prompt_is_truncated_with_a_readable_warning(pipe, caplog, tiny_checkpoint):
+    """The warning names the dropped words as the checkpoint's own (transformers) tokenizer decodes them."""
+    from transformers import CLIPTokenizer
+
+    prompt = "a red circle on a blue background " * 12
     with caplog.at_level(logging.WARNING, logger="diffusion_engine"):
-        pipe.generate("red " * 100, steps=1, height=256, width=256, seed=0)
-    assert "truncated to 77 tokens" in caplog.text
+        pipe.generate(prompt, steps=1, height=256, width=256, seed=0)
+    reference = CLIPTokenizer.from_pretrained(tiny_checkpoint / "tokenizer")
+    ids = reference(prompt).input_ids
+    dropped = reference.decode(ids[reference.model_max_length - 1 : -1]).strip()
+    print(caplog.text.strip(), "| reference:", dropped)
+    assert "longer than the 77 tokens" in caplog.text and f"dropped: {dropped!r}" in caplog.text
+    assert "</w>" not in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -1,23 +1,24 @@
-"""Nothing a user owns is destroyed; engine files honour the umask; manifests ignore unknown fields."""
+"""Nothing a user owns is destroyed, interrupted writers leave nothing behind; engine files honour the umask and
+carry checksums; manifests ignore unknown fields; CPU runs are quiet."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import signal
+import socket
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from diffusion_engine.engine.manifest import (
-    MANIFEST,
-    atomic_directory,
-    check_output_dir,
-    current_umask,
-    read_manifest,
-    write_atomic,
-)
+from diffusion_engine.engine.atomic import atomic_directory, current_umask, remove_stale, write_atomic
+from diffusion_engine.engine.manifest import MANIFEST, check_engine_out, is_engine_directory, read_manifest
 
 
 def user_folder(root: Path) -> Path:
@@ -64,34 +65,34 @@ def test_export_out_may_not_overlap_the_source(tmp_path, tiny_checkpoint, capsys
 
 
 def test_check_output_dir_rules(tmp_path, tiny_engine):
-    check_output_dir(tmp_path / "new", overwrite=False)
+    check_engine_out(tmp_path / "new", overwrite=False)
     empty = tmp_path / "empty"
     empty.mkdir()
-    check_output_dir(empty, overwrite=True)
-    check_output_dir(tiny_engine, overwrite=True)  # an engine directory we wrote
+    check_engine_out(empty, overwrite=True)
+    check_engine_out(tiny_engine, overwrite=True)  # an engine directory we wrote
     with pytest.raises(FileExistsError, match="pass --overwrite"):
-        check_output_dir(tiny_engine, overwrite=False)
+        check_engine_out(tiny_engine, overwrite=False)
     regular = tmp_path / "file.bin"
     regular.write_bytes(b"x")
     with pytest.raises(FileExistsError, match="is not an engine directory"):
-        check_output_dir(regular, overwrite=True)
+        check_engine_out(regular, overwrite=True)
     fake = tmp_path / "fake"
     fake.mkdir()
     (fake / MANIFEST).write_text("{}")  # a manifest.json that is not ours
     with pytest.raises(FileExistsError, match="is not an engine directory"):
-        check_output_dir(fake, overwrite=True)
+        check_engine_out(fake, overwrite=True)
 
 
 def test_atomic_directory_replaces_only_what_it_may_and_leaves_no_debris(tmp_path):
     folder = user_folder(tmp_path)
     before = snapshot(folder)
     with pytest.raises(FileExistsError):
-        with atomic_directory(folder, overwrite=True):
+        with atomic_directory(folder, overwrite=True, replaceable=is_engine_directory):
             raise AssertionError("must not start")
     assert snapshot(folder) == before
     engine = tmp_path / "engine"
     for text in ("first", "second"):
-        with atomic_directory(engine, overwrite=True) as tmp:
+        with atomic_directory(engine, overwrite=True, replaceable=is_engine_directory) as tmp:
             (tmp / MANIFEST).write_text(json.dumps({"format_version": 1, "components": {}}))
             (tmp / "payload").write_text(text)
     assert (engine / "payload").read_text() == "second"
@@ -161,3 +162,88 @@ def test_engine_tiny_never_replaces_what_it_did_not_write(tmp_path, tiny_checkpo
     print(err.strip())
     assert "holds another tiny checkpoint (family sd1, seed 0), not family sdxl, seed 5" in err
     assert snapshot(tiny_checkpoint) == ckpt_before and hidden_debris(tiny_checkpoint.parent) == []
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(child.stdout)
+
+
+def test_sigterm_mid_export_cleans_up_and_exits_143(tmp_path, tiny_checkpoint):
+    """A real export, terminated once its temporary folder exists: exit 143, nothing left behind."""
+    out = tmp_path / "engine"
+    proc = subprocess.Popen([sys.executable, "-m", "diffusion_engine.export.cli", str(tiny_checkpoint), "--out", str(out),
+                             "--min-size", "256", "--max-size", "256", "--max-batch", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(p.name.startswith(".engine.partial-") for p in tmp_path.iterdir()):
+        assert proc.poll() is None and time.monotonic() < deadline, "the export ended before writing anything"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    print(err.strip().splitlines()[-1])
+    assert proc.returncode == 143 and "engine-export: terminated; partial output removed" in err
+    assert "Traceback" not in err and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_stale_debris_of_dead_writers_is_removed_and_a_moved_aside_engine_restored(tmp_path):
+    target = tmp_path / "engine"
+    dead, live = dead_pid(), os.getpid()
+    host = socket.gethostname().replace("-", "_")
+    stale = tmp_path / f".engine.partial-{host}-{dead}-abc"
+    running = tmp_path / f".engine.partial-{host}-{live}-def"  # a writer still at work: kept
+    aside = tmp_path / f".engine.old-{host}-{dead}-ghi"  # killed between the two renames of --overwrite
+    for folder in (stale, running, aside / "engine"):
+        folder.mkdir(parents=True)
+    (aside / "engine" / MANIFEST).write_text(json.dumps({"format_version": 1, "components": {}}))
+    other = tmp_path / f".engineX.partial-{host}-{dead}-jkl"  # another target's: not ours to touch
+    other.mkdir()
+    removed = remove_stale(target)
+    print([p.name for p in removed])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([running.name, other.name, "engine"])
+    assert is_engine_directory(target)
+    with atomic_directory(target, overwrite=True, replaceable=is_engine_directory) as tmp:  # the writer removes them too
+        (tmp / MANIFEST).write_text(json.dumps({"format_version": 1, "components": {}}))
+    assert running.exists()
+
+
+def test_engine_info_verify_finds_changed_bytes_of_the_same_size(tiny_engine, tmp_path, capsys):
+    from diffusion_engine.engine.cli import info_main
+
+    manifest = read_manifest(tiny_engine)
+    listed = set(manifest.checksums)
+    files = {p.name for p in tiny_engine.iterdir() if p.is_file() and p.name != MANIFEST}
+    print(f"{len(listed)} files recorded")
+    assert listed == files and all(v["sha256"].startswith("sha256:") for v in manifest.checksums.values())
+    assert info_main([str(tiny_engine), "--verify"]) == 0
+    assert f"all {len(listed)} files have the size and sha256 the export recorded" in capsys.readouterr().out
+    copy = tmp_path / "engine"
+    shutil.copytree(tiny_engine, copy)
+    unet = bytearray((copy / "unet.fp32.onnx").read_bytes())
+    unet[-100] ^= 0xFF  # one weight byte: the graph still loads, the size is the same
+    (copy / "unet.fp32.onnx").write_bytes(bytes(unet))
+    (copy / "step.onnx").write_bytes(b"")
+    assert info_main([str(copy), "--verify"]) == 1
+    out = capsys.readouterr().out
+    print(out.strip().splitlines()[-3:])
+    assert "DAMAGED: unet.fp32.onnx has other contents than the export wrote" in out
+    assert "DAMAGED: step.onnx has 0 bytes" in out and f"2 of {len(listed)} files differ" in out
+
+
+def test_cpu_run_is_quiet_without_verbose(tiny_engine, tmp_path, capfd, caplog):
+    """No backend-choice INFO line, no empty `0step` bar; with -v the choice is one short line."""
+    from diffusion_engine.runtime.cli import main
+
+    args = ["--engine", str(tiny_engine), "--prompt", "a red circle", "--steps", "2", "--height", "256",
+            "--width", "256", "--out", str(tmp_path / "a.png")]
+    with caplog.at_level(logging.DEBUG, logger="diffusion_engine"):
+        assert main(args) == 0
+        err = capfd.readouterr().err
+        print(repr(err[:200]))
+        assert "TensorRT" not in err and not err.lstrip("\r").startswith("0step") and "2/2" in err
+        assert [r for r in caplog.records if r.levelno >= logging.INFO] == []
+        assert main(args + ["-v"]) == 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("backend ort-cpu (auto")]
+    print(lines)
+    assert len(lines) == 1 and len(lines[0]) < 200  # only with -v
