@@ -12,6 +12,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -131,6 +132,23 @@ def test_exported_engine_and_png_are_readable_by_others(tiny_engine, tmp_path):
     assert main(["--engine", str(tiny_engine), "--prompt", "a red circle", "--steps", "1", "--height", "256",
                  "--width", "256", "--out", str(out)]) == 0
     assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="reading as another user needs root to switch to it")
+def test_another_user_can_read_the_engine(tiny_engine, tmp_path_factory):
+    """Copied with its modes into a folder anyone may enter, every file reads as user nobody (65534)."""
+    shared = Path(tempfile.mkdtemp(prefix="shared-engine-"))
+    try:
+        shared.chmod(0o755)
+        copy = shared / "engine"
+        shutil.copytree(tiny_engine, copy)  # copy2: modes as exported
+        code = "import pathlib, sys; print(sum(len(p.read_bytes()) for p in pathlib.Path(sys.argv[1]).iterdir()))"
+        r = subprocess.run(["/usr/bin/python3", "-c", code, str(copy)], capture_output=True, text=True, timeout=60,
+                           preexec_fn=lambda: (os.setgid(65534), os.setuid(65534)))
+        print(r.stdout.strip(), "bytes read as nobody", r.stderr.strip()[-300:])
+        assert r.returncode == 0 and int(r.stdout) == sum(p.stat().st_size for p in copy.iterdir())
+    finally:
+        shutil.rmtree(shared)
 
 
 def test_manifest_readers_ignore_unknown_fields(tiny_engine, tmp_path):
