@@ -19,7 +19,7 @@ from diffusers.schedulers import (  # noqa: E402
     scheduling_lms_discrete,
 )
 
-from diffusion_engine.runtime.samplers import SAMPLERS, STATE_SIZE, SamplerPlan, make_plan, run_plan  # noqa: E402
+from diffusion_engine.runtime.samplers import SAMPLERS, STATE_SIZE, SamplerPlan, img2img_start, make_plan, run_plan  # noqa: E402
 
 # diffusers' schedulers warn about numpy 2's __array__ protocol; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -363,3 +363,44 @@ def test_samplers_module_imports_neither_torch_nor_diffusers():
         "assert not {'torch', 'diffusers'} & set(sys.modules), sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _reference_img2img(name, config, steps, strength, image, noise, noises, monkeypatch):
+    """diffusers' img2img denoising (get_timesteps, set_begin_index, add_noise at the first timestep), float64."""
+    draws = iter(noises)
+    monkeypatch.setattr(scheduling_euler_ancestral_discrete, "randn_tensor",
+                        lambda *a, dtype=None, **k: torch.from_numpy(next(draws)).to(dtype))
+    cls, forced = REFERENCE[name]
+    scheduler = cls.from_config(dict(config), **forced)
+    scheduler.set_timesteps(steps)
+    init_timestep = min(int(steps * strength), steps)  # StableDiffusionImg2ImgPipeline.get_timesteps
+    t_start = max(steps - init_timestep, 0)
+    timesteps = scheduler.timesteps[t_start * scheduler.order:]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(t_start * scheduler.order)
+    sample = scheduler.add_noise(torch.from_numpy(image), torch.from_numpy(noise), timesteps[:1])
+    states = []
+    for t in timesteps:
+        model_input = scheduler.scale_model_input(sample, t)
+        output = torch.from_numpy(toy_model(model_input.numpy(), float(t)))
+        sample = scheduler.step(output, t, sample).prev_sample
+        states.append(sample.numpy().astype(np.float64))
+    return np.array([float(t) for t in timesteps]), states
+
+
+@pytest.mark.parametrize("strength", [0.3, 0.75, 1.0])
+@pytest.mark.parametrize("config", [SD15, {**SD15, **ZERO_SNR}], ids=["sd15", "zero-snr-v"])
+@pytest.mark.parametrize("name", [n for n in SAMPLERS if n != "lcm"])
+def test_part_way_start_matches_diffusers_img2img(name, config, strength, monkeypatch):
+    """A schedule started part-way, as img2img strength asks: every state after every evaluation."""
+    steps, rng = 10, np.random.default_rng(1)
+    image, noise = rng.standard_normal(SHAPE), rng.standard_normal(SHAPE)
+    plan = make_plan(name, config, steps, start=img2img_start(steps, strength))
+    noises = [rng.standard_normal(SHAPE) for _ in range(plan.num_evaluations)]
+    ref_timesteps, ref_states = _reference_img2img(name, config, steps, strength, image, noise, noises, monkeypatch)
+    states = run_plan(plan, toy_model, noise, noises, return_all=True, image=image)
+    worst = max(relative_error(s, r) for s, r in zip(states, ref_states))
+    print(f"{name} strength {strength}: {plan.num_evaluations} evaluations from step "
+          f"{img2img_start(steps, strength)}, worst relative error {worst:.1e}")
+    assert plan.num_evaluations == len(ref_timesteps) and relative_error(plan.timesteps, ref_timesteps) <= TOLERANCE
+    assert worst <= TOLERANCE

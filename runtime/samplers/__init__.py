@@ -18,13 +18,13 @@ from .ddim import ddim, pndm
 from .euler import euler, euler_ancestral, heun, lms
 from .lcm import lcm
 from .multistep import dpmpp_2m, unipc
-from .plan import STATE_SIZE, Evaluation, SamplerPlan, assemble, run_plan
+from .plan import STATE_SIZE, Built, SamplerPlan, assemble, run_plan
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SAMPLERS", "STATE_SIZE", "SamplerPlan", "default_sampler", "make_plan", "run_plan"]
+__all__ = ["SAMPLERS", "STATE_SIZE", "SamplerPlan", "default_sampler", "img2img_start", "make_plan", "run_plan"]
 
-_Builder = Callable[[Mapping[str, Any], int], tuple[list[Evaluation], float]]
+_Builder = Callable[[Mapping[str, Any], int, int], Built]
 
 _DPM_2M = {"algorithm_type": "dpmsolver++", "solver_order": 2}
 
@@ -56,8 +56,13 @@ def default_sampler(scheduler_config: Mapping[str, Any]) -> str:
     return "dpmpp_2m_karras" if name == "dpmpp_2m" and scheduler_config.get("use_karras_sigmas") else name
 
 
-def make_plan(name: str, scheduler_config: Mapping[str, Any], steps: int) -> SamplerPlan:
-    """Build the coefficient table of sampler `name` for a diffusers scheduler config and step count."""
+def make_plan(name: str, scheduler_config: Mapping[str, Any], steps: int, start: int = 0) -> SamplerPlan:
+    """Build the coefficient table of sampler `name` for a diffusers scheduler config and step count.
+
+    `start` > 0 skips the first steps of the schedule, as diffusers' img2img does (`img2img_start`):
+    the plan runs the schedule's tail with the sampler's own warm-up from there, and its
+    `add_noise` gives the scheduler's noising of the image latents at its first timestep.
+    """
     if name not in _REGISTRY:
         raise ValueError(f"unknown sampler {name!r}; valid names: {', '.join(SAMPLERS)}")
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
@@ -66,8 +71,15 @@ def make_plan(name: str, scheduler_config: Mapping[str, Any], steps: int) -> Sam
     settings = _config.resolve(name, cls, scheduler_config, forced)
     if steps > settings["num_train_timesteps"]:
         raise ValueError(f"steps={steps} exceeds num_train_timesteps={settings['num_train_timesteps']}")
+    if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or not 0 <= start < steps:
+        raise ValueError(f"start must be an int in [0, steps={steps}), got {start!r}")
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        evaluations, init_noise_sigma = builder(settings, int(steps))
-    plan = assemble(name, evaluations, init_noise_sigma, settings["prediction_type"])
-    logger.debug("plan %s: %d steps, %d evaluations", name, steps, plan.num_evaluations)
+        evaluations, init_noise_sigma, add_noise = builder(settings, int(steps), int(start))
+    plan = assemble(name, evaluations, init_noise_sigma, settings["prediction_type"], add_noise)
+    logger.debug("plan %s: %d steps from %d, %d evaluations", name, steps, start, plan.num_evaluations)
     return plan
+
+
+def img2img_start(steps: int, strength: float) -> int:
+    """The steps img2img skips: diffusers' get_timesteps, steps - min(int(steps * strength), steps)."""
+    return steps - min(int(steps * strength), steps)

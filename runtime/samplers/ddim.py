@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .plan import Evaluation, eps_and_x0, model_output, slot, zero
+from .plan import Built, Evaluation, eps_and_x0, model_output, slot, zero
 from .schedule import alphas_cumprod, spaced_timesteps
 
 # Adams-Bashforth weights on (newest, ..., oldest) model outputs, by history length (PLMS).
@@ -32,18 +32,25 @@ def _alpha_bar_at(alpha_bar: np.ndarray, timestep: float, final: float) -> float
     return float(alpha_bar[int(timestep)])
 
 
-def ddim(settings: Mapping[str, Any], steps: int) -> tuple[list[Evaluation], float]:
-    """Deterministic DDIM (Song et al. 2020, eq. 12 with eta = 0)."""
+def alpha_noising(alpha_bar: np.ndarray, timestep: float, final: float) -> tuple[float, float]:
+    """(signal, noise) scales of DDPM's forward process at a timestep: x_t = sqrt(a) x0 + sqrt(1 - a) eps."""
+    a = _alpha_bar_at(alpha_bar, timestep, final)
+    return math.sqrt(a), math.sqrt(1.0 - a)
+
+
+def ddim(settings: Mapping[str, Any], steps: int, start: int = 0) -> Built:
+    """Deterministic DDIM (Song et al. 2020, eq. 12 with eta = 0), from step `start` on."""
     prediction_type = settings["prediction_type"]
     alpha_bar = alphas_cumprod(settings, floor_zero_snr=False)
     final = 1.0 if settings["set_alpha_to_one"] else float(alpha_bar[0])
     stride = settings["num_train_timesteps"] // steps
     evaluations = []
-    for t in spaced_timesteps(settings, steps, round_linspace=True):
+    timesteps = spaced_timesteps(settings, steps, round_linspace=True)[start:]
+    for t in timesteps:
         a_t, a_prev = _alpha_bar_at(alpha_bar, t, final), _alpha_bar_at(alpha_bar, t - stride, final)
         eps, x0 = eps_and_x0(slot(0), model_output(), math.sqrt(a_t), math.sqrt(1 - a_t), prediction_type)
         evaluations.append(Evaluation(float(t), 1.0, (math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps,)))
-    return evaluations, 1.0
+    return evaluations, 1.0, alpha_noising(alpha_bar, timesteps[0], final)
 
 
 def _pndm_transfer(
@@ -55,8 +62,10 @@ def _pndm_transfer(
     return math.sqrt(a_to / a_from) * sample - (a_to - a_from) / denominator * eps
 
 
-def pndm(settings: Mapping[str, Any], steps: int) -> tuple[list[Evaluation], float]:
+def pndm(settings: Mapping[str, Any], steps: int, start: int = 0) -> Built:
     """PLMS: pseudo linear multistep (Liu et al. 2022) with diffusers' skip_prk_steps warm-up.
+
+    From `start` on, the warm-up restarts (diffusers' counter does), on the schedule's tail.
 
     Buffers: state[1..3] hold past raw model outputs (newest first); during the two warm-up
     evaluations state[3] holds the sample the second one restarts from.
@@ -66,7 +75,7 @@ def pndm(settings: Mapping[str, Any], steps: int) -> tuple[list[Evaluation], flo
     stride = settings["num_train_timesteps"] // steps
     ascending = spaced_timesteps(settings, steps, round_linspace=True)[::-1]
     # Without Runge-Kutta warm-up the second evaluation revisits the second timestep.
-    order = np.concatenate([ascending[:-1], ascending[-2:-1], ascending[-1:]])[::-1]
+    order = np.concatenate([ascending[:-1], ascending[-2:-1], ascending[-1:]])[::-1][start:]
     x, out = slot(0), model_output()
     evaluations = []
     for counter, t in enumerate(order):
@@ -82,4 +91,4 @@ def pndm(settings: Mapping[str, Any], steps: int) -> tuple[list[Evaluation], flo
         a_from, a_to = _alpha_bar_at(alpha_bar, t_from, final), _alpha_bar_at(alpha_bar, t_to, final)
         prev = _pndm_transfer(sample, combined, a_from, a_to, settings["prediction_type"])
         evaluations.append(Evaluation(float(t), 1.0, (prev, *keep)))
-    return evaluations, 1.0
+    return evaluations, 1.0, alpha_noising(alpha_bar, order[0], final)

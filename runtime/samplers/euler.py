@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from numpy.polynomial import Polynomial
 
-from .plan import Evaluation, eps_and_x0, model_output, noise, slot
+from .plan import Built, Evaluation, eps_and_x0, model_output, noise, slot
 from .schedule import (
     alphas_cumprod,
     final_sigma,
@@ -43,6 +43,13 @@ def _init_noise_sigma(settings: Mapping[str, Any], sigmas: np.ndarray) -> float:
     return top if settings["timestep_spacing"] in ("linspace", "trailing") else math.sqrt(top**2 + 1.0)
 
 
+def _from(evaluations: list[Evaluation], start: int, settings: Mapping[str, Any], sigmas: np.ndarray,
+          per_step: int = 1) -> Built:
+    """The evaluations from step `start` on (these samplers keep no state across a start: diffusers'
+    begin_index indexes the full schedule), and the variance-exploding add_noise there: x0 + sigma eps."""
+    return evaluations[per_step * start:], _init_noise_sigma(settings, sigmas), (1.0, float(sigmas[start]))
+
+
 def _sigma_schedule(
     settings: Mapping[str, Any], steps: int, alpha_bar: np.ndarray, *, config_range: bool
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -62,7 +69,7 @@ def _sigma_schedule(
     return timesteps, sigmas
 
 
-def euler(settings: Mapping[str, Any], steps: int) -> tuple[list[Evaluation], float]:
+def euler(settings: Mapping[str, Any], steps: int, start: int = 0) -> Built:
     """Euler's method on the probability-flow ODE in sigma (Karras et al. 2022, no churn)."""
     alpha_bar = alphas_cumprod(settings, floor_zero_snr=True)
     timesteps, sigmas = _sigma_schedule(settings, steps, alpha_bar, config_range=True)
@@ -75,10 +82,10 @@ def euler(settings: Mapping[str, Any], steps: int) -> tuple[list[Evaluation], fl
         d = _derivative(x, sigmas[i], settings["prediction_type"])
         update = x + (sigmas[i + 1] - sigmas[i]) * d
         evaluations.append(Evaluation(float(t), _input_scale(sigmas[i]), (update,)))
-    return evaluations, _init_noise_sigma(settings, sigmas)
+    return _from(evaluations, start, settings, sigmas)
 
 
-def euler_ancestral(settings: Mapping[str, Any], steps: int) -> tuple[list[Evaluation], float]:
+def euler_ancestral(settings: Mapping[str, Any], steps: int, start: int = 0) -> Built:
     """Euler ancestral: deterministic step down to sigma_down, then fresh noise of scale sigma_up."""
     alpha_bar = alphas_cumprod(settings, floor_zero_snr=True)
     timesteps, sigmas = _sigma_schedule(settings, steps, alpha_bar, config_range=False)
@@ -93,10 +100,10 @@ def euler_ancestral(settings: Mapping[str, Any], steps: int) -> tuple[list[Evalu
         update = x + (sigma_down - s_from) * d + sigma_up * noise()
         # diffusers draws noise at every step (sigma_up is 0 at the last), so draws stay aligned.
         evaluations.append(Evaluation(float(t), _input_scale(s_from), (update,), uses_noise=True))
-    return evaluations, _init_noise_sigma(settings, sigmas)
+    return _from(evaluations, start, settings, sigmas)
 
 
-def heun(settings: Mapping[str, Any], steps: int) -> tuple[list[Evaluation], float]:
+def heun(settings: Mapping[str, Any], steps: int, start: int = 0) -> Built:
     """Heun's 2nd-order method (Karras et al. 2022, Alg. 1): Euler predictor, trapezoid corrector.
 
     Buffers: state[1] is the sample the step started from, state[2] the predictor's slope.
@@ -105,7 +112,7 @@ def heun(settings: Mapping[str, Any], steps: int) -> tuple[list[Evaluation], flo
     alpha_bar = alphas_cumprod(settings, floor_zero_snr=False)
     timesteps, sigmas = _sigma_schedule(settings, steps, alpha_bar, config_range=True)
     sigmas = np.append(sigmas, 0.0)
-    x, start, slope = slot(0), slot(1), slot(2)
+    x, origin, slope = slot(0), slot(1), slot(2)
     prediction_type = settings["prediction_type"]
     evaluations = []
     for i, t in enumerate(timesteps):
@@ -114,9 +121,9 @@ def heun(settings: Mapping[str, Any], steps: int) -> tuple[list[Evaluation], flo
         evaluations.append(Evaluation(float(t), _input_scale(s), (x + (s_next - s) * d, x, d)))
         if i + 1 < len(timesteps):
             d_next = _derivative(x, s_next, prediction_type)
-            update = start + (s_next - s) * (slope + d_next) / 2
+            update = origin + (s_next - s) * (slope + d_next) / 2
             evaluations.append(Evaluation(float(timesteps[i + 1]), _input_scale(s_next), (update,)))
-    return evaluations, _init_noise_sigma(settings, sigmas)
+    return _from(evaluations, start, settings, sigmas, per_step=2)  # predictor + corrector
 
 
 def _lms_coefficients(sigmas: np.ndarray, i: int, order: int) -> list[float]:
@@ -132,7 +139,7 @@ def _lms_coefficients(sigmas: np.ndarray, i: int, order: int) -> list[float]:
     return coefficients
 
 
-def lms(settings: Mapping[str, Any], steps: int) -> tuple[list[Evaluation], float]:
+def lms(settings: Mapping[str, Any], steps: int, start: int = 0) -> Built:
     """Linear multistep (4th order) in sigma, as k-diffusion's sample_lms.
 
     Buffers: state[1..3] hold the previous slopes, newest first.
@@ -148,4 +155,4 @@ def lms(settings: Mapping[str, Any], steps: int) -> tuple[list[Evaluation], floa
         weights = _lms_coefficients(sigmas, i, min(i + 1, _LMS_ORDER))
         update = x + sum(w * slope for w, slope in zip(weights, slopes))
         evaluations.append(Evaluation(float(t), _input_scale(sigmas[i]), (update, d, slot(1), slot(2))))
-    return evaluations, _init_noise_sigma(settings, sigmas)
+    return _from(evaluations, start, settings, sigmas)

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from .ddim import _alpha_bar_at
-from .plan import Evaluation, eps_and_x0, model_output, noise, slot
+from .ddim import _alpha_bar_at, alpha_noising
+from .plan import Built, Evaluation, eps_and_x0, model_output, noise, slot
 from .schedule import alphas_cumprod
 
 _SIGMA_DATA = 0.5  # the consistency parametrisation's data scale (Song et al. 2023), fixed in diffusers
@@ -38,8 +38,10 @@ def boundary_scalings(timestep: float, timestep_scaling: float) -> tuple[float, 
     return c_skip, c_out
 
 
-def lcm(settings: Mapping[str, Any], steps: int) -> tuple[list[Evaluation], float]:
+def lcm(settings: Mapping[str, Any], steps: int, start: int = 0) -> Built:
     """Multistep latent consistency sampling (Luo et al. 2023): jump to x0, re-noise to the next timestep, repeat."""
+    if start:
+        raise ValueError("the lcm sampler cannot start part-way yet (img2img on LCM engines is not supported)")
     alpha_bar = alphas_cumprod(settings, floor_zero_snr=False)
     final = 1.0 if settings["set_alpha_to_one"] else float(alpha_bar[0])
     timesteps = lcm_timesteps(settings, steps)
@@ -56,4 +58,4 @@ def lcm(settings: Mapping[str, Any], steps: int) -> tuple[list[Evaluation], floa
         a_next = _alpha_bar_at(alpha_bar, timesteps[i + 1], final)
         update = math.sqrt(a_next) * denoised + math.sqrt(1 - a_next) * noise()
         evaluations.append(Evaluation(float(t), 1.0, (update,), uses_noise=True))
-    return evaluations, 1.0
+    return evaluations, 1.0, alpha_noising(alpha_bar, timesteps[0], final)

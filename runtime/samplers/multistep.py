@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .plan import Evaluation, eps_and_x0, model_output, slot, zero
+from .plan import Built, Evaluation, eps_and_x0, model_output, slot, zero
 from .schedule import (
     alphas_cumprod,
     final_sigma,
@@ -73,10 +73,11 @@ def _multistep_sigmas(
     return sigma_to_t(sigmas, train), sigmas
 
 
-def dpmpp_2m(settings: Mapping[str, Any], steps: int) -> tuple[list[Evaluation], float]:
-    """DPM-Solver++(2M), data prediction, multistep (Lu et al. 2022, Alg. 2).
+def dpmpp_2m(settings: Mapping[str, Any], steps: int, start: int = 0) -> Built:
+    """DPM-Solver++(2M), data prediction, multistep (Lu et al. 2022, Alg. 2), from step `start` on.
 
-    Buffers: state[1] holds the previous x0 estimate.
+    Buffers: state[1] holds the previous x0 estimate. The first step from `start` is first order
+    (diffusers' lower_order_nums counts from its begin_index); the final-step rule sees the full schedule.
     """
     solver_type = _solver_type(settings, "dpmpp_2m", _DPM_SOLVER_TYPES)
     alpha_bar = alphas_cumprod(settings, floor_zero_snr=True)
@@ -92,7 +93,7 @@ def dpmpp_2m(settings: Mapping[str, Any], steps: int) -> tuple[list[Evaluation],
     count = len(timesteps)
     x, previous = slot(0), slot(1)
     evaluations = []
-    for i, t in enumerate(timesteps):
+    for i, t in enumerate(timesteps[start:], start):
         alpha_s, sigma_s = _vp(sigmas[i])
         alpha_t, sigma_t = _vp(sigmas[i + 1])
         _, x0 = eps_and_x0(x, model_output(), alpha_s, sigma_s, settings["prediction_type"])
@@ -103,7 +104,7 @@ def dpmpp_2m(settings: Mapping[str, Any], steps: int) -> tuple[list[Evaluation],
             or (settings["lower_order_final"] and count < 15)
             or settings["final_sigmas_type"] == "zero"
         )
-        if i > 0 and not final_first_order:
+        if i > start and not final_first_order:
             h = _log_snr(sigmas[i + 1]) - _log_snr(sigmas[i])
             d1 = (x0 - previous) * h / (_log_snr(sigmas[i]) - _log_snr(sigmas[i - 1]))
             if solver_type == "midpoint":
@@ -111,7 +112,7 @@ def dpmpp_2m(settings: Mapping[str, Any], steps: int) -> tuple[list[Evaluation],
             else:
                 update = update + alpha_t * ((decay - 1.0) / h + 1.0) * d1
         evaluations.append(Evaluation(float(t), 1.0, (update, x0)))
-    return evaluations, 1.0
+    return evaluations, 1.0, _vp(sigmas[start])
 
 
 def _unipc_b(hh: np.float64, solver_type: str, order: int) -> tuple[float, np.ndarray]:
@@ -160,11 +161,12 @@ def _unipc_step(
     return predicted, base - scale * known, float(-scale * rhos_c[-1])
 
 
-def unipc(settings: Mapping[str, Any], steps: int) -> tuple[list[Evaluation], float]:
+def unipc(settings: Mapping[str, Any], steps: int, start: int = 0) -> Built:
     """UniPC predictor-corrector (Zhao et al. 2023); the corrector folds into the next evaluation.
 
     Buffers: state[1] carries the next corrector's terms known one evaluation early (it is
-    linear in the next model output), state[2..3] the previous converted model outputs.
+    linear in the next model output), state[2..3] the previous converted model outputs. From
+    `start` on the warm-up restarts (no corrector, order 1 first) as diffusers' does after set_timesteps.
     """
     order_limit = settings["solver_order"]
     if not 1 <= order_limit <= _UNIPC_MAX_ORDER:
@@ -181,16 +183,16 @@ def unipc(settings: Mapping[str, Any], steps: int) -> tuple[list[Evaluation], fl
     x, carry = slot(0), slot(1)
     corrector_weight = 0.0
     evaluations = []
-    for i, t in enumerate(timesteps):
+    for i, t in enumerate(timesteps[start:], start):
         alpha_s, sigma_s = _vp(sigmas[i])
         eps, x0 = eps_and_x0(x, model_output(), alpha_s, sigma_s, settings["prediction_type"])
         m = x0 if settings["predict_x0"] else eps
-        corrected = carry + corrector_weight * m if i > 0 and i - 1 not in skipped else x
+        corrected = carry + corrector_weight * m if i > start and i - 1 not in skipped else x
         order = min(order_limit, count - i) if settings["lower_order_final"] else order_limit
-        order = min(order, i + 1)  # warm-up: only i past outputs exist
+        order = min(order, i - start + 1)  # warm-up: only i - start past outputs exist
         with_corrector = i + 1 < count and i not in skipped
         predicted, corrector, corrector_weight = _unipc_step(
             corrected, (m, slot(2), slot(3)), sigmas, i, order, settings, with_corrector
         )
         evaluations.append(Evaluation(float(t), 1.0, (predicted, corrector, m, slot(2))))
-    return evaluations, 1.0
+    return evaluations, 1.0, _vp(sigmas[start])

@@ -87,6 +87,9 @@ class SamplerPlan:
     uses_noise: np.ndarray  # bool [E]
     init_noise_sigma: float  # initial state[0] = init_noise_sigma * latents; other buffers start at 0
     prediction_type: str
+    # Starting from an image (img2img): state[0] = add_noise[0] * image latents + add_noise[1] * noise,
+    # the scheduler's add_noise at the plan's first timestep.
+    add_noise: tuple[float, float] = (0.0, 1.0)
 
     def __post_init__(self) -> None:
         tables = {
@@ -108,6 +111,7 @@ class SamplerPlan:
         if np.any(self.coeffs[~self.uses_noise, :, _NOISE] != 0.0):
             raise ValueError(f"{self.name}: noise coefficient set on an evaluation without noise")
         object.__setattr__(self, "init_noise_sigma", float(self.init_noise_sigma))
+        object.__setattr__(self, "add_noise", tuple(float(v) for v in self.add_noise))
 
     @property
     def num_evaluations(self) -> int:
@@ -115,8 +119,13 @@ class SamplerPlan:
         return int(self.timesteps.shape[0])
 
 
+# What a sampler builder returns: the evaluations from its start step, init_noise_sigma, add_noise.
+Built = tuple[list[Evaluation], float, tuple[float, float]]
+
+
 def assemble(
-    name: str, evaluations: Sequence[Evaluation], init_noise_sigma: float, prediction_type: str
+    name: str, evaluations: Sequence[Evaluation], init_noise_sigma: float, prediction_type: str,
+    add_noise: tuple[float, float] = (0.0, 1.0),
 ) -> SamplerPlan:
     """Stack per-evaluation updates into a plan; reject non-finite tables."""
     coeffs = np.zeros((len(evaluations), STATE_SIZE, _WIDTH), dtype=np.float64)
@@ -127,7 +136,7 @@ def assemble(
             coeffs[e, j] = row
     timesteps = np.array([ev.timestep for ev in evaluations], dtype=np.float64)
     input_scales = np.array([ev.input_scale for ev in evaluations], dtype=np.float64)
-    if not all(np.isfinite(table).all() for table in (coeffs, timesteps, input_scales, init_noise_sigma)):
+    if not all(np.isfinite(table).all() for table in (coeffs, timesteps, input_scales, init_noise_sigma, add_noise)):
         # diffusers produces NaN / inf latents for these configs; refuse instead.
         raise ValueError(
             f"sampler {name!r}: this scheduler config gives non-finite coefficients "
@@ -141,6 +150,7 @@ def assemble(
         uses_noise=np.array([ev.uses_noise for ev in evaluations], dtype=bool),
         init_noise_sigma=init_noise_sigma,
         prediction_type=prediction_type,
+        add_noise=add_noise,
     )
 
 
@@ -153,17 +163,20 @@ def run_plan(
     latents: np.ndarray,
     noise: NoiseSource = None,
     return_all: bool = False,
+    image: np.ndarray | None = None,
 ) -> np.ndarray | list[np.ndarray]:
     """Host reference executor in float64: evaluate, then apply the linear update, per evaluation.
 
-    `noise` is indexed by evaluation (callable(e) or sequence[e]) and read only where
-    `plan.uses_noise[e]`. With `return_all`, returns state[0] after every evaluation.
+    `latents` is the initial noise; with `image` (img2img's clean image latents) the start is
+    `add_noise` of the two, else `init_noise_sigma * latents`. `noise` is indexed by evaluation
+    (callable(e) or sequence[e]) and read only where `plan.uses_noise[e]`. With `return_all`,
+    returns state[0] after every evaluation.
     """
     latents = np.asarray(latents, dtype=np.float64)
     if noise is None and plan.uses_noise.any():
         raise ValueError(f"sampler {plan.name!r} needs noise; pass a callable or a sequence")
     state = np.zeros((STATE_SIZE,) + latents.shape, dtype=np.float64)
-    state[0] = plan.init_noise_sigma * latents
+    state[0] = initial_latents(plan, latents, image)
     history = []
     for e in range(plan.num_evaluations):
         out = np.asarray(model(plan.input_scales[e] * state[0], float(plan.timesteps[e])), dtype=np.float64)
@@ -176,6 +189,15 @@ def run_plan(
             history.append(state[0].copy())
     logger.debug("ran %s: %d evaluations", plan.name, plan.num_evaluations)
     return history if return_all else state[0]
+
+
+def initial_latents(plan: SamplerPlan, noise: np.ndarray, image: np.ndarray | None = None) -> np.ndarray:
+    """state[0] before the first evaluation, float64: scaled noise, or the image latents noised to the first timestep."""
+    noise = np.asarray(noise, dtype=np.float64)
+    if image is None:
+        return plan.init_noise_sigma * noise
+    signal, scale = plan.add_noise
+    return signal * np.asarray(image, dtype=np.float64) + scale * noise
 
 
 def _noise_at(noise: NoiseSource, e: int, shape: tuple[int, ...]) -> np.ndarray:
