@@ -25,6 +25,9 @@ TIMESTEP_COND = "timestep_cond"  # LCM: the guidance-scale embedding
 NOISE_PRED = "noise_pred"
 LATENTS = "latents"
 IMAGES = "images"
+# The VAE encoder's posterior, already in the UNet's latent space (scaled as the decoder's inverse).
+LATENT_MEAN = "latent_mean"
+LATENT_STD = "latent_std"
 
 # Named dynamic axes.
 BATCH = "batch"
@@ -56,7 +59,8 @@ MAX_EVALUATIONS = 1000
 TEXT_ENCODER = "text_encoder"
 UNET = "unet"
 VAE_DECODER = "vae_decoder"
-COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER)  # exported from the checkpoint
+VAE_ENCODER = "vae_encoder"  # image-conditioned requests (img2img, inpainting); engines before it lack it
+COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)  # exported from the checkpoint
 STEP_GUIDED = "step"
 STEP_UNGUIDED = "step_unguided"
 STEP_RESCALED = "step_rescaled"  # guided, then guidance rescale (Lin et al. 2023, sec. 3.4)
@@ -199,7 +203,7 @@ class ModelDims:
 
 
 def component_specs(m: ModelDims) -> dict[str, ComponentSpec]:
-    """The text encoder, UNet and VAE decoder specs of a model (SD1.x/2.x, SDXL, LCM by its dims)."""
+    """The text encoder, UNet, VAE decoder and encoder specs of a model (SD1.x/2.x, SDXL, LCM by its dims)."""
     ids = (INPUT_IDS, INPUT_IDS_2)[: m.text_encoders]
     text = TensorSpec(LAST_HIDDEN_STATE if m.text_encoders == 1 else PROMPT_EMBEDS, "float32",
                       (BATCH, SEQUENCE, m.text_hidden_size))
@@ -230,7 +234,13 @@ def component_specs(m: ModelDims) -> dict[str, ComponentSpec]:
         # In 0..255 levels / 255: fp32 allows rounding flips, fp16 a few levels.
         tolerance=Tolerance(fp32=2 / 255, fp16=12 / 255),
     )
-    return {s.name: s for s in (text_encoder, unet, vae_decoder)}
+    vae_encoder = ComponentSpec(
+        name=VAE_ENCODER,
+        inputs=(TensorSpec(IMAGES, "uint8", (BATCH, HEIGHT, WIDTH, 3)),),
+        outputs=(TensorSpec(LATENT_MEAN, "float32", latent), TensorSpec(LATENT_STD, "float32", latent)),
+        tolerance=Tolerance(fp32=1e-3, fp16=5e-2),
+    )
+    return {s.name: s for s in (text_encoder, unet, vae_decoder, vae_encoder)}
 
 
 def step_spec(m: ModelDims, state_size: int, guided: bool, rescaled: bool = False) -> ComponentSpec:

@@ -13,10 +13,10 @@ from tqdm import tqdm
 from diffusion_engine.engine.atomic import run_cli
 from diffusion_engine.engine.extras import require
 from diffusion_engine.engine.manifest import check_engine_out
-from diffusion_engine.engine.specs import FAMILIES, BuildRanges, validate_build_ranges
+from diffusion_engine.engine.specs import COMPONENTS, FAMILIES, BuildRanges, validate_build_ranges
 from diffusion_engine.export.checkpoint import source_kind
 
-STAGES = ("load checkpoint", "tokenizer", "text_encoder", "unet", "vae_decoder", "step graphs")
+STAGES = ("load checkpoint", "tokenizer", *COMPONENTS, "step graphs")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

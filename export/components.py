@@ -1,4 +1,4 @@
-"""PyTorch wrappers of the text encoder, UNet and VAE decoder, and their spec-driven ONNX export."""
+"""PyTorch wrappers of the text encoder, UNet, VAE decoder and encoder, and their spec-driven ONNX export."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from diffusion_engine.engine.specs import (
     TIMESTEP_COND,
     UNET,
     VAE_DECODER,
+    VAE_ENCODER,
     AxisRange,
     ComponentSpec,
     component_specs,
@@ -109,6 +110,31 @@ class VaeDecoder(torch.nn.Module):
         return x.to(torch.uint8)
 
 
+class VaeEncoder(torch.nn.Module):
+    """VAE encoder with the pipeline's pre-processing: uint8 NHWC pixels -> the posterior's mean and std
+    in the UNet's latent space (the decoder's scaling inverted), so a sample is mean + std * eps."""
+
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+        decoder = VaeDecoder(vae)  # one definition of the latent scaling
+        self.scale, self.shift = decoder.scale, decoder.shift
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = images.permute(0, 3, 1, 2).to(torch.float32) / 255.0 * 2.0 - 1.0  # VaeImageProcessor's normalisation
+        posterior = self.vae.encode(x, return_dict=False)[0]
+        return (posterior.mean - self.shift) / self.scale, posterior.std / self.scale
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    """Parameters a wrapper's graph holds: a VAE half counts only its own half (both hold the whole VAE)."""
+    vae = getattr(module, "vae", None)
+    if isinstance(module, (VaeDecoder, VaeEncoder)) and vae is not None:
+        parts = ("decoder", "post_quant_conv") if isinstance(module, VaeDecoder) else ("encoder", "quant_conv")
+        module = torch.nn.ModuleList([getattr(vae, p) for p in parts if getattr(vae, p, None) is not None])
+    return sum(p.numel() for p in module.parameters())
+
+
 def wrap(name: str, pipe: Any) -> torch.nn.Module:
     """The export wrapper of one component of a diffusers pipeline, in eval mode, fp32."""
     from diffusion_engine.export.checkpoint import model_dims
@@ -120,6 +146,7 @@ def wrap(name: str, pipe: Any) -> torch.nn.Module:
             pipe.text_encoder, second),
         UNET: lambda: UNet(pipe.unet, tuple(t.name for t in spec.inputs[3:])),
         VAE_DECODER: lambda: VaeDecoder(pipe.vae),
+        VAE_ENCODER: lambda: VaeEncoder(pipe.vae),
     }
     return modules[name]().eval().float()
 
@@ -132,6 +159,8 @@ def example_feeds(spec: ComponentSpec, dims: Mapping[str, int], seed: int = 0) -
         shape = t.shape(dims)
         if t.dtype == "int32":
             feeds[t.name] = rng.integers(0, dims.get("vocab_size", 256), size=shape, dtype=np.int32)
+        elif t.dtype == "uint8":  # pixels
+            feeds[t.name] = rng.integers(0, 256, size=shape, dtype=np.uint8)
         elif t.name in (TIMESTEP, TIME_IDS):  # timesteps in [0, 1000); sizes and crops of that order
             feeds[t.name] = rng.uniform(0, 1000, size=shape).astype(np.float32)
         else:

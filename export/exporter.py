@@ -32,6 +32,7 @@ from diffusion_engine.engine.specs import (
     TIMESTEP,
     TIMESTEP_COND,
     VAE_DECODER,
+    VAE_ENCODER,
     BuildRanges,
     ComponentSpec,
     ModelDims,
@@ -125,7 +126,7 @@ def generation_defaults(ckpt: Checkpoint) -> dict:
 def fp32_reason(ckpt: Checkpoint, name: str, options: ExportOptions) -> str | None:
     """Why a component's GPU graph must stay fp32 whatever its fp16 check says, or None."""
     vae = ckpt.pipeline.vae.config
-    sdxl_vae = name == VAE_DECODER and ckpt.dims.text_encoders == 2
+    sdxl_vae = name in (VAE_DECODER, VAE_ENCODER) and ckpt.dims.text_encoders == 2
     if sdxl_vae and vae.get("force_upcast", True) and not options.fp16_vae:
         # diffusers' SDXL pipelines upcast this VAE for the same reason: its activations overflow fp16.
         return ("the SDXL VAE has force_upcast=True (it overflows fp16 on real latents); "
@@ -176,7 +177,7 @@ def export_one(
         notes.append(f"GPU precision fp32: {keep_fp32}{passed}")
     entry = ComponentEntry.from_spec(
         spec, ranges, files=files, gpu_precision="fp16" if "fp16" in files and not keep_fp32 else "fp32",
-        parameters=sum(p.numel() for p in module.parameters()),
+        parameters=components.parameter_count(module),
         parity={p: [r.as_dict() for r in rs] for p, rs in parity.items()}, notes=notes,
     )
     size = sum(f.stat().st_size for f in out.glob(f"{spec.name}.fp32.onnx*"))

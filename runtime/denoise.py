@@ -27,6 +27,7 @@ from diffusion_engine.engine.specs import (
     TIMESTEPS,
 )
 from diffusion_engine.runtime.samplers import STATE_SIZE, SamplerPlan
+from diffusion_engine.runtime.samplers.plan import initial_latents
 from diffusion_engine.runtime.session import Session
 
 logger = logging.getLogger(__name__)
@@ -54,14 +55,16 @@ class LoopInputs:
 
 def loop_inputs(
     plan: SamplerPlan, latents: np.ndarray, unet_static: dict[str, np.ndarray], guidance: float | None,
-    rng: np.random.Generator, guidance_rescale: float | None = None,
+    rng: np.random.Generator, guidance_rescale: float | None = None, image_latents: np.ndarray | None = None,
 ) -> LoopInputs:
     """Initial state and device tables of one loop; per-step noise drawn from rng after the latents.
 
-    `guidance` None runs unguided; `guidance_rescale` (with guidance) feeds the rescaled step graph.
+    `latents` is the initial noise; with `image_latents` (img2img) the loop starts from them noised
+    to the plan's first timestep. `guidance` None runs unguided; `guidance_rescale` (with guidance)
+    feeds the rescaled step graph.
     """
     state = np.zeros((STATE_SIZE,) + latents.shape, np.float32)
-    state[0] = plan.init_noise_sigma * latents.astype(np.float64)
+    state[0] = initial_latents(plan, latents, image_latents)
     sample = (plan.input_scales[0] * state[0].astype(np.float64)).astype(np.float32)
     guided = guidance is not None
     if plan.uses_noise.any():

@@ -21,6 +21,8 @@ from diffusion_engine.engine.specs import (
     IMAGES,
     INPUT_IDS,
     INPUT_IDS_2,
+    LATENT_MEAN,
+    LATENT_STD,
     LATENTS,
     STEP_GUIDED,
     STEP_GRAPHS,
@@ -31,11 +33,24 @@ from diffusion_engine.engine.specs import (
     TIME_IDS,
     TIMESTEP_COND,
     VAE_DECODER,
+    VAE_ENCODER,
     FamilyDefaults,
 )
 from diffusion_engine.runtime.backends import Components, open_components, pick_backend
 from diffusion_engine.runtime.denoise import Progress, loop_inputs
 from diffusion_engine.runtime.samplers import SAMPLERS, SamplerPlan, default_sampler, make_plan
+from diffusion_engine.runtime.request import (
+    DEFAULT_STRENGTH,
+    GenerationRequest,
+    Job,
+    check_resize_mode,
+    check_seed,
+    check_strength,
+    fit_image,
+    image_pixels,
+    initial_noise,
+    prompt_lists,
+)
 from diffusion_engine.runtime.tokenizer import PromptTokenizer
 
 logger = logging.getLogger(__name__)
@@ -54,7 +69,7 @@ class GenerationResult:
 
 
 class Pipeline:
-    """Text-to-image generation from an engine directory; thread-safe, no torch."""
+    """Text-to-image and image-to-image generation from an engine directory; thread-safe, no torch."""
 
     def __init__(self, engine_dir: Path, manifest: Manifest, components: Components):
         self.engine_dir = engine_dir
@@ -100,14 +115,16 @@ class Pipeline:
     def default_size(self) -> int:
         return self.defaults.size
 
-    def _make_plan(self, scheduler: str, steps: int) -> SamplerPlan:
-        return make_plan(scheduler, self.manifest.scheduler_config, steps)
+    def _make_plan(self, scheduler: str, steps: int, start: int = 0) -> SamplerPlan:
+        return make_plan(scheduler, self.manifest.scheduler_config, steps, start)
 
-    def _sampler_plan(self, scheduler: str, steps: int) -> SamplerPlan:
-        """The plan, or one error naming the step limit of this sampler on this engine (its scheduler config
-        and the step graph's longest table) where `steps` is past it."""
+    def _sampler_plan(self, scheduler: str, steps: int, start: int = 0) -> SamplerPlan:
+        """The plan (from step `start`: img2img), or one error naming the step limit of this sampler on
+        this engine (its scheduler config and the step graph's longest table) where `steps` is past it."""
+        if start and scheduler == "lcm":
+            raise ValueError("image requests with the lcm sampler are not supported yet; choose another scheduler")
         try:
-            plan = self._plan(scheduler, steps)
+            plan = self._plan(scheduler, steps, start)
             if plan.num_evaluations <= self._max_evaluations:
                 return plan
         except ValueError:
@@ -138,76 +155,128 @@ class Pipeline:
         return lo or None
 
     def generate(
-        self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] = "", steps: int | None = None,
-        guidance_scale: float | None = None, scheduler: str | None = None, seed: int | None = None,
-        height: int | None = None, width: int | None = None, batch_size: int = 1,
+        self, prompt: str | Sequence[str] | GenerationRequest, negative_prompt: str | Sequence[str] = "",
+        steps: int | None = None, guidance_scale: float | None = None, scheduler: str | None = None,
+        seed: int | None = None, height: int | None = None, width: int | None = None, batch_size: int = 1,
         latents: np.ndarray | None = None, progress: Progress | None = None, guidance_rescale: float = 0.0,
         original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] | None = None,
-        target_size: tuple[int, int] | None = None,
+        target_size: tuple[int, int] | None = None, image: Any = None, strength: float = DEFAULT_STRENGTH,
+        resize_mode: str | None = None,
     ) -> GenerationResult:
-        """Generate batch_size images per prompt; latents (optional) are the initial noise.
+        """Generate batch_size images per prompt: the keyword form of `run(GenerationRequest(...))`.
 
-        steps, guidance_scale, scheduler, height and width default to the engine's (`defaults`).
-        guidance_rescale mixes in the std-rescaled guided output (Lin et al. 2023); SDXL engines take
-        size conditioning as diffusers does: original_size and target_size (height, width) default to
-        the image size, crops_coords_top_left to (0, 0).
+        A GenerationRequest may be passed as the only argument instead. See GenerationRequest for
+        the fields; steps, guidance_scale, scheduler, height and width default to the engine's
+        (`defaults`), height and width to the image's size with `image`.
         """
+        if isinstance(prompt, GenerationRequest):
+            return self.run(prompt, progress)
+        given = locals()
+        return self.run(GenerationRequest(**{k: given[k] for k in GenerationRequest.field_names()}), progress)
+
+    def run(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationResult:
+        """One request through the stages: checks, text, latents (noise, or the noised image), loop, decode."""
         start = time.perf_counter()
-        prompts, negatives = _prompt_lists(prompt, negative_prompt)
-        steps, guidance_scale, scheduler, height, width = self._settings(steps, guidance_scale, scheduler, height, width)
-        n = len(prompts) * batch_size
-        self._check(steps, guidance_scale, scheduler, height, width, batch_size, n)
-        self._check_conditioning(negatives, guidance_rescale)
-        size_ids = self._size_ids(height, width, original_size, crops_coords_top_left, target_size)
-        plan = self._sampler_plan(scheduler, steps)
-        seed = _check_seed(seed)
-        if seed is None and latents is None:
-            seed = int(np.random.SeedSequence().generate_state(1)[0])
-        rng = np.random.default_rng(seed)
-        shape = (n, self.manifest.dims.latent_channels, height // self.manifest.dims.vae_scale_factor,
-                 width // self.manifest.dims.vae_scale_factor)
-        latents = _initial_latents(latents, shape, rng)
-        # Guidance is a doubled UNet batch, except where the UNet embeds it (LCM: timestep_cond).
-        guided = self.manifest.dims.cfg_batch == 2 and guidance_scale > 1.0
-        rescale = guidance_rescale if guided and guidance_rescale > 0 else None
+        job = self.prepare(request)  # every check, before any model runs
         timings: dict[str, float] = {}
-
-        t = time.perf_counter()
-        # Each prompt once per image: the embeddings come out in the UNet's batch order, so no
-        # host op touches them (on GPU backends they stay on the device).
-        per_image = [p for p in (negatives + prompts if guided else prompts) for _ in range(batch_size)]
-        ids = {name: self.tokenizers[name].encode(per_image) for name in _input_names(self.sessions[TEXT_ENCODER])}
-        timings["tokenize"] = time.perf_counter() - t
-        # GPU backends run on one stream: one generate at a time there (the lock is a no-op on CPU).
+        ids = self._tokenize(job, timings)
+        # GPU backends run on one stream: one request at a time there (the lock is a no-op on CPU).
         with self.components.lock:
-            t = time.perf_counter()
-            empty = [i for i, p in enumerate(per_image[: n if guided else 0]) if not p]
-            static = self._unet_conditioning(ids, empty, guidance_scale, size_ids)
-            timings["text_encoder"] = time.perf_counter() - t
-
-            loop = self.components.loop(STEP_RESCALED if rescale else STEP_GUIDED if guided else STEP_UNGUIDED)
-            inputs = loop_inputs(plan, latents, static, guidance_scale if guided else None, rng, rescale)
-            t = time.perf_counter()
-            final, spent = loop.run(inputs, progress)
-            timings["denoise"] = time.perf_counter() - t
-            timings.update({"unet": spent["unet"], "step_graph": spent["step"],
-                            "unet_per_step": spent["unet"] / plan.num_evaluations}
-                           if spent else {})  # GPU loops queue work without waiting: no per-stage split
-
+            static = self._encode_text(job, ids, timings)
+            image_latents = self._encode_image(job, timings)
+            final = self._denoise(job, static, image_latents, progress, timings)
             t = time.perf_counter()
             pixels = np.asarray(self.sessions[VAE_DECODER].run({LATENTS: final})[IMAGES])  # the one device->host copy
             timings["vae_decoder"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - start
-        params = {
-            "prompt": prompts if len(prompts) > 1 else prompts[0],
-            "negative_prompt": negatives if len(negatives) > 1 else negatives[0],
-            "steps": steps, "guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale,
-            "scheduler": scheduler, "seed": seed, "height": height, "width": width, "batch_size": batch_size,
-            "backend": self.backend, "family": self.manifest.family,
-        }
-        if size_ids is not None:
-            params["time_ids"] = list(size_ids)
-        return GenerationResult([Image.fromarray(p) for p in pixels], pixels, seed, timings, params)
+        return GenerationResult([Image.fromarray(p) for p in pixels], pixels, job.seed, timings, job.parameters())
+
+    def prepare(self, request: GenerationRequest) -> Job:
+        """Check a request against this engine and fill in its defaults; draws the initial noise. No model runs."""
+        r = request
+        prompts, negatives = prompt_lists(r.prompt, r.negative_prompt)
+        pixels = self._image(r)
+        size = pixels.shape[:2] if pixels is not None else (None, None)
+        steps, guidance_scale, scheduler, height, width = self._settings(
+            r.steps, r.guidance_scale, r.scheduler, size[0] if r.height is None else r.height,
+            size[1] if r.width is None else r.width)
+        n = len(prompts) * r.batch_size
+        self._check(steps, guidance_scale, scheduler, height, width, r.batch_size, n)
+        self._check_conditioning(negatives, r.guidance_rescale)
+        size_ids = self._size_ids(height, width, r.original_size, r.crops_coords_top_left, r.target_size)
+        skip = check_strength(r.strength, steps) if pixels is not None else 0
+        plan = self._sampler_plan(scheduler, steps, skip)
+        if pixels is not None:
+            pixels = fit_image(pixels, height, width, r.resize_mode)[None]
+        seed = check_seed(r.seed)
+        if seed is None and r.latents is None:
+            seed = int(np.random.SeedSequence().generate_state(1)[0])
+        rng = np.random.default_rng(seed)
+        f = self.manifest.dims.vae_scale_factor
+        latent = (self.manifest.dims.latent_channels, height // f, width // f)
+        # Draws in diffusers' order: the encoder posterior's sample, the initial noise, then per-step noise.
+        posterior_noise = rng.standard_normal((1,) + latent, dtype=np.float32) if pixels is not None else None
+        noise = initial_noise(r.latents, (n,) + latent, rng)
+        # Guidance is a doubled UNet batch, except where the UNet embeds it (LCM: timestep_cond).
+        guided = self.manifest.dims.cfg_batch == 2 and guidance_scale > 1.0
+        return Job(r, prompts, negatives, steps, guidance_scale, scheduler, height, width, n, size_ids, plan, seed,
+                   rng, noise, guided, r.guidance_rescale if guided and r.guidance_rescale > 0 else None,
+                   pixels, posterior_noise, self.backend, self.manifest.family)
+
+    def _image(self, r: GenerationRequest) -> np.ndarray | None:
+        """The request's init image as uint8 HxWx3, checked (this engine must have a VAE encoder)."""
+        check_resize_mode(r.resize_mode)
+        if r.image is None:
+            if r.resize_mode is not None:
+                raise ValueError("resize_mode applies to an init image; this request has no image")
+            return None
+        if VAE_ENCODER not in self.sessions:
+            raise ValueError(
+                f"this engine has no {VAE_ENCODER} (exported before image requests were supported); "
+                "export it again to use image=..."
+            )
+        if isinstance(r.image, (list, tuple)):
+            raise ValueError("image must be one image (a PIL image, a file or a uint8 HxWx3 array), not a list")
+        return image_pixels(r.image)
+
+    def _tokenize(self, job: Job, timings: dict[str, float]) -> dict[str, np.ndarray]:
+        """Token ids of each prompt once per image, in the UNet's batch order (so no host op touches the
+        embeddings; on GPU backends they stay on the device)."""
+        t = time.perf_counter()
+        ids = {name: self.tokenizers[name].encode(job.per_image) for name in _input_names(self.sessions[TEXT_ENCODER])}
+        timings["tokenize"] = time.perf_counter() - t
+        return ids
+
+    def _encode_text(self, job: Job, ids: dict[str, np.ndarray], timings: dict[str, float]) -> dict[str, Any]:
+        t = time.perf_counter()
+        empty = [i for i, p in enumerate(job.per_image[: job.n if job.guided else 0]) if not p]
+        static = self._unet_conditioning(ids, empty, job.guidance_scale, job.size_ids)
+        timings["text_encoder"] = time.perf_counter() - t
+        return static
+
+    def _encode_image(self, job: Job, timings: dict[str, float]) -> np.ndarray | None:
+        """img2img's clean latents: a sample of the encoder's posterior (diffusers' retrieve_latents), one per image."""
+        if job.pixels is None:
+            return None
+        t = time.perf_counter()
+        out = self.sessions[VAE_ENCODER].run({IMAGES: job.pixels})
+        mean, std = np.asarray(out[LATENT_MEAN], np.float64), np.asarray(out[LATENT_STD], np.float64)
+        sample = mean + std * job.posterior_noise
+        timings["vae_encoder"] = time.perf_counter() - t
+        return np.repeat(sample, job.n, axis=0)
+
+    def _denoise(self, job: Job, static: dict[str, Any], image_latents: np.ndarray | None,
+                 progress: Progress | None, timings: dict[str, float]) -> Any:
+        loop = self.components.loop(STEP_RESCALED if job.rescale else STEP_GUIDED if job.guided else STEP_UNGUIDED)
+        inputs = loop_inputs(job.plan, job.noise, static, job.guidance_scale if job.guided else None, job.rng,
+                             job.rescale, image_latents)
+        t = time.perf_counter()
+        final, spent = loop.run(inputs, progress)
+        timings["denoise"] = time.perf_counter() - t
+        if spent:  # GPU loops queue work without waiting: no per-stage split
+            timings.update({"unet": spent["unet"], "step_graph": spent["step"],
+                            "unet_per_step": spent["unet"] / job.plan.num_evaluations})
+        return final
 
     def _settings(self, steps: Any, guidance_scale: Any, scheduler: Any, height: Any, width: Any) -> tuple:
         """(steps, guidance_scale, scheduler, height, width): the engine's defaults where left out (None)."""
@@ -306,45 +375,6 @@ class Pipeline:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _check_seed(seed: Any) -> int | None:
-    """None or -1 (A1111's convention): a random seed; else an integer >= 0."""
-    integer = isinstance(seed, (int, np.integer)) and not isinstance(seed, bool)
-    if seed is None or (integer and seed == -1):
-        return None
-    if not integer or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, or -1 (or None) for a random seed, got {seed!r}")
-    return int(seed)
-
-
-def _prompt_lists(prompt: str | Sequence[str], negative: str | Sequence[str]) -> tuple[list[str], list[str]]:
-    prompts = _as_list(prompt)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
-    negatives = _as_list("" if negative is None else negative, len(prompts))
-    if negatives is None or len(negatives) != len(prompts) or not all(isinstance(p, str) for p in negatives):
-        raise ValueError(f"negative_prompt must be a string or a list of {len(prompts)} strings, got {negative!r}")
-    return prompts, negatives
-
-
-def _as_list(text: Any, repeat: int = 1) -> list | None:
-    """A string repeated `repeat` times, a list or tuple as a list, anything else None (the caller's error)."""
-    if isinstance(text, str):
-        return [text] * repeat
-    return list(text) if isinstance(text, (list, tuple)) else None
-
-
-def _initial_latents(latents: np.ndarray | None, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    """The caller's initial noise (shape checked) or standard-normal noise from the seeded rng."""
-    if latents is None:
-        return rng.standard_normal(shape, dtype=np.float32)
-    latents = np.asarray(latents)
-    if latents.shape != shape:
-        raise ValueError(f"latents have shape {latents.shape}; this request needs {shape}")
-    if not np.issubdtype(latents.dtype, np.floating) or not np.isfinite(latents).all():
-        raise ValueError("latents must be finite floating-point values")
-    return latents.astype(np.float32)
 
 
 def runtime_components(manifest: Manifest) -> tuple[str, ...]:

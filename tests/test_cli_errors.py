@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from diffusion_engine.engine.manifest import MANIFEST
 
@@ -26,12 +27,15 @@ def engines(tiny_engine, tmp_path_factory) -> dict[str, Path]:
     (sizes match, so only loading them finds it)."""
     root = tmp_path_factory.mktemp("cli-engines")
     out = {"engine": tiny_engine}
-    for name in ("offset", "truncated", "step", "tokenizer"):
+    for name in ("offset", "truncated", "step", "tokenizer", "old"):
         out[name] = root / name
         shutil.copytree(tiny_engine, out[name])
     manifest = json.loads((out["offset"] / MANIFEST).read_text())
     manifest["scheduler_config"].update({"_class_name": "DDIMScheduler", "steps_offset": 1, "timestep_spacing": "leading"})
     (out["offset"] / MANIFEST).write_text(json.dumps(manifest))
+    old = json.loads((out["old"] / MANIFEST).read_text())
+    del old["components"]["vae_encoder"]  # exported before image requests
+    (out["old"] / MANIFEST).write_text(json.dumps(old))
     unet = out["truncated"] / "unet.fp32.onnx"
     unet.write_bytes(unet.read_bytes()[:4096])
     for name, file in (("step", "step.onnx"), ("tokenizer", "tokenizer.json")):
@@ -56,7 +60,10 @@ def workspace(root: Path) -> dict[str, Path]:
     readonly = root / "readonly"
     readonly.mkdir()
     readonly.chmod(0o555)
-    return {"mine": mine, "afile": root / "afile", "png_folder": root / "picture.png", "readonly": readonly}
+    Image.new("RGB", (256, 256), (200, 30, 30)).save(root / "in.png")
+    Image.new("RGBA", (256, 256)).save(root / "alpha.png")
+    return {"mine": mine, "afile": root / "afile", "png_folder": root / "picture.png", "readonly": readonly,
+            "picture": root / "in.png", "rgba": root / "alpha.png"}
 
 
 def without(module: str):
@@ -97,6 +104,13 @@ CASES = [
     pytest.param("run", ["--engine", "{engine}", "--out", "{afile}/x.png"], "is a file, not a folder", id="run-out-under-a-file"),
     pytest.param("run", ["--engine", "{engine}", "--out", "{readonly}/x.png"], "cannot write in", id="run-out-read-only", marks=NOT_ROOT),
     pytest.param("run", ["--engine", "{engine}", "--out", "{tmp}/x.jpg"], "must end in .png", id="run-out-not-png"),
+    pytest.param("run", ["--engine", "{engine}", "--image", "{tmp}/nowhere.png"], "cannot be read as an image", id="run-image-missing"),
+    pytest.param("run", ["--engine", "{engine}", "--image", "{afile}"], "cannot be read as an image", id="run-image-not-an-image"),
+    pytest.param("run", ["--engine", "{engine}", "--image", "{picture}", "--strength", "0"], "strength must be a number in (0, 1]", id="run-strength-0"),
+    pytest.param("run", ["--engine", "{engine}", "--image", "{picture}", "--strength", "0.1", "--steps", "5"], "reruns no step", id="run-strength-leaves-no-step"),
+    pytest.param("run", ["--engine", "{engine}", "--image", "{picture}", "--height", "384"], "image is 256x256 but the request is 256x384", id="run-image-other-size"),
+    pytest.param("run", ["--engine", "{engine}", "--image", "{rgba}"], "image has an alpha channel (mode RGBA)", id="run-image-with-alpha"),
+    pytest.param("run", ["--engine", "{old}", "--image", "{picture}"], "has no vae_encoder", id="run-image-on-an-old-engine"),
     pytest.param("run", ["--engine", "{tmp}/nowhere"], "no such engine directory", id="run-engine-missing"),
     pytest.param("run", ["--engine", "{mine}"], "is not an engine directory: it has no manifest.json", id="run-engine-user-folder"),
     pytest.param("run", ["--engine", "{truncated}"], "unet.fp32.onnx has 4,096 bytes", id="run-engine-truncated-unet"),

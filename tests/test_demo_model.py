@@ -201,3 +201,16 @@ def test_a_damaged_cache_is_exported_again(demo_engine, tmp_path, monkeypatch):
     (cached / MANIFEST).write_text("{not json")
     with cache_at(cache), pytest.raises(demo.DemoError, match=f"{cached} is damaged .*; delete that folder"):
         demo.ensure_engine()
+
+
+def test_img2img_changes_the_colour_and_keeps_the_shape(pipe):
+    """A generated red circle on blue, redrawn at strength 0.7 as a yellow circle, over 12 seeds."""
+    source = pipe.generate(PROMPT, steps=30, seed=1).array[0]
+    reading = analyse(source)
+    assert (reading.background, reading.color, reading.shape) == ("blue", "red", "circle"), reading
+    readings = [analyse(pipe.generate("a yellow circle on a blue background", image=source, strength=0.7, steps=30,
+                                      seed=seed).array[0]) for seed in range(12)]
+    rate = np.mean([(r.background, r.color, r.shape) == ("blue", "yellow", "circle") for r in readings])
+    print(f"demo img2img red -> yellow circle at strength 0.7: {rate:.0%} of 12 seeds",
+          [(r.background, r.color, r.shape) for r in readings])
+    assert rate >= 0.8

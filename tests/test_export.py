@@ -41,7 +41,8 @@ def load_checkpoint_dims(pipe):
 
 def test_manifest_lists_components_with_errors(tiny_engine):
     m = read_manifest(tiny_engine)
-    assert set(m.components) == {"text_encoder", "unet", "vae_decoder", "step", "step_unguided", "step_rescaled"}
+    assert set(m.components) == {"text_encoder", "unet", "vae_decoder", "vae_encoder", "step", "step_unguided",
+                                 "step_rescaled"}
     assert (m.family, m.prediction_type) == ("sd1", "epsilon")
     assert m.build == BuildRanges(MIN_SIZE, MAX_SIZE, MAX_BATCH)
     for name in ("step", "step_unguided", "step_rescaled"):  # generated, fp32 everywhere, checked against numpy
@@ -64,7 +65,7 @@ def test_manifest_lists_components_with_errors(tiny_engine):
     assert m.scheduler_config["_class_name"] == "DDIMScheduler"
 
 
-@pytest.mark.parametrize("name", ["text_encoder", "unet", "vae_decoder"])
+@pytest.mark.parametrize("name", ["text_encoder", "unet", "vae_decoder", "vae_encoder"])
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_graph_matches_pytorch_at_unseen_shape(tiny_engine, tiny_pipeline, name, precision):
     m = read_manifest(tiny_engine)

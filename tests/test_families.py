@@ -178,6 +178,7 @@ def test_format_1_manifests_without_family_fields_still_load(family, tmp_path):
     for key in ("defaults", "tokenizer_2", "force_zeros_for_empty_prompt"):
         del d[key]
     del d["components"]["step_rescaled"]  # exported before guidance rescale
+    del d["components"]["vae_encoder"]  # and before image requests
     (old / "manifest.json").write_text(json.dumps(d))
     m = read_manifest(old)
     assert (m.defaults, m.tokenizer_2, m.force_zeros_for_empty_prompt) == ({}, None, False)
@@ -188,6 +189,8 @@ def test_format_1_manifests_without_family_fields_still_load(family, tmp_path):
         # The family's defaults and the checkpoint's scheduler, as before; 512 clamped to the built 384.
         assert pipe.defaults == FamilyDefaults(384, 30, 7.5, "ddim")
         assert pipe.generate(PROMPT, steps=1, height=256, width=256, seed=0).array.shape == (1, 256, 256, 3)
+        with pytest.raises(ValueError, match="has no vae_encoder .*; export it again to use image="):
+            pipe.generate(PROMPT, steps=2, image=np.zeros((256, 256, 3), np.uint8))
         with pytest.raises(ValueError, match="no step_rescaled graph .* re-export it"):
             pipe.generate(PROMPT, steps=1, height=256, width=256, guidance_rescale=0.5)
 
@@ -244,15 +247,16 @@ def test_sdxl_tokenizers_both_saved_and_checked(family):
 def test_fp16_graphs_pass_their_check_or_stay_fp32_with_a_reason(family, name):
     _, engine = family(name)
     m = read_manifest(engine)
-    assert set(m.components) == {"text_encoder", "unet", "vae_decoder", "step", "step_unguided", "step_rescaled"}
-    for component in ("text_encoder", "unet", "vae_decoder"):
+    assert set(m.components) == {"text_encoder", "unet", "vae_decoder", "vae_encoder", "step", "step_unguided",
+                                 "step_rescaled"}
+    for component in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
         c = m.components[component]
         for precision, results in c.parity.items():
             assert len(results) == 2 and all(r["rel_error"] <= c.tolerance[precision] for r in results)
         if c.gpu_precision == "fp16":
             assert "fp16" in c.parity
         else:  # only SDXL's VAE (force_upcast), and the manifest says why
-            assert (component, name.startswith("sdxl")) == ("vae_decoder", True)
+            assert component in ("vae_decoder", "vae_encoder") and name.startswith("sdxl")
             assert any("force_upcast" in note for note in c.notes), c.notes
 
 

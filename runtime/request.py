@@ -1,0 +1,206 @@
+"""One generation request as a frozen value, and the input image's checks and resize modes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from diffusion_engine.runtime.samplers import SamplerPlan, img2img_start
+
+# A1111's img2img resize modes: stretch to the size; scale to cover, then crop the centre; scale to
+# fit, then fill the borders with the image's edge pixels.
+RESIZE_MODES = ("just-resize", "crop-and-resize", "resize-and-fill")
+DEFAULT_STRENGTH = 0.8  # diffusers' img2img default
+
+
+@dataclass(frozen=True, eq=False)
+class GenerationRequest:
+    """Everything one `Pipeline.generate` call asks for; None means the engine's default.
+
+    `image` (PIL image, HxWx3 uint8 array or a path) starts from that image (img2img): `strength` in
+    (0, 1] is how much of the schedule reruns; its size must be the request's (height and width
+    default to it) unless `resize_mode` (RESIZE_MODES) says how to fit it. `latents` is the initial
+    noise. SDXL size conditioning: original_size, crops_coords_top_left, target_size.
+    """
+
+    prompt: str | Sequence[str]
+    negative_prompt: str | Sequence[str] = ""
+    steps: int | None = None
+    guidance_scale: float | None = None
+    scheduler: str | None = None
+    seed: int | None = None
+    height: int | None = None
+    width: int | None = None
+    batch_size: int = 1
+    latents: np.ndarray | None = None
+    guidance_rescale: float = 0.0
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] | None = None
+    target_size: tuple[int, int] | None = None
+    image: Any = None
+    strength: float = DEFAULT_STRENGTH
+    resize_mode: str | None = None
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+def image_pixels(image: Any) -> np.ndarray:
+    """uint8 HxWx3 RGB pixels of a PIL image, an array or a file; an alpha channel is refused, not dropped."""
+    if isinstance(image, (str, Path)):
+        try:
+            with Image.open(image) as opened:
+                opened.load()
+                image = opened.copy()
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"image {str(image)!r} cannot be read as an image ({exc})") from exc
+    if isinstance(image, Image.Image):
+        if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+            raise ValueError(
+                f"image has an alpha channel (mode {image.mode}); flatten it onto a background first "
+                "(e.g. Image.alpha_composite) or convert it to RGB"
+            )
+        return np.asarray(image.convert("RGB"))
+    array = np.asarray(image) if isinstance(image, np.ndarray) else None
+    if array is None or array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        described = f"{array.dtype} array of shape {array.shape}" if array is not None else type(image).__name__
+        raise ValueError(f"image must be a PIL image, a file or a uint8 HxWx3 RGB array, got a {described}")
+    return array
+
+
+def fit_image(pixels: np.ndarray, height: int, width: int, resize_mode: str | None) -> np.ndarray:
+    """The pixels at height x width: unchanged if already that size, else per resize_mode (None: an error)."""
+    h, w = pixels.shape[:2]
+    if (h, w) == (height, width):
+        return pixels
+    if resize_mode is None:
+        raise ValueError(
+            f"image is {w}x{h} but the request is {width}x{height}; leave width and height out to use the "
+            f"image's size, or pass resize_mode, one of {', '.join(RESIZE_MODES)}"
+        )
+    image = Image.fromarray(pixels)
+    if resize_mode == "just-resize":
+        return np.asarray(image.resize((width, height), Image.LANCZOS))
+    cover = resize_mode == "crop-and-resize"
+    scale = max(width / w, height / h) if cover else min(width / w, height / h)
+    sw, sh = max(1, round(w * scale)), max(1, round(h * scale))
+    scaled = np.asarray(image.resize((sw, sh), Image.LANCZOS))
+    if cover:
+        top, left = (sh - height) // 2, (sw - width) // 2
+        return scaled[top : top + height, left : left + width]
+    top, left = (height - sh) // 2, (width - sw) // 2
+    return np.pad(scaled, ((top, height - sh - top), (left, width - sw - left), (0, 0)), mode="edge")
+
+
+def check_resize_mode(resize_mode: Any) -> None:
+    if resize_mode is not None and resize_mode not in RESIZE_MODES:
+        raise ValueError(f"unknown resize_mode {resize_mode!r}; valid: {', '.join(RESIZE_MODES)}")
+
+
+def check_strength(strength: Any, steps: int) -> int:
+    """The steps img2img skips (diffusers' get_timesteps rule); strength must leave at least one to run."""
+    number = isinstance(strength, (int, float, np.floating)) and not isinstance(strength, bool)
+    if not number or not 0 < strength <= 1:
+        raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
+    start = img2img_start(steps, float(strength))
+    if start >= steps:
+        raise ValueError(
+            f"strength {strength} with {steps} steps reruns no step (int({steps} x {strength}) = 0); "
+            "raise strength or steps"
+        )
+    return start
+
+
+@dataclass(frozen=True, eq=False)
+class Job:
+    """A request checked against the engine, with its defaults filled in and its initial noise drawn."""
+
+    request: GenerationRequest
+    prompts: list[str]
+    negatives: list[str]
+    steps: int
+    guidance_scale: float
+    scheduler: str
+    height: int
+    width: int
+    n: int  # images: prompts x batch_size
+    size_ids: tuple[float, ...] | None
+    plan: SamplerPlan
+    seed: int | None
+    rng: np.random.Generator
+    noise: np.ndarray  # the initial latents (txt2img) or the noise added to the image latents (img2img)
+    guided: bool
+    rescale: float | None
+    pixels: np.ndarray | None  # img2img: the init image, uint8 [1, H, W, 3] at the request's size
+    posterior_noise: np.ndarray | None  # img2img: eps of the encoder posterior's sample
+    backend: str
+    family: str
+
+    @property
+    def per_image(self) -> list[str]:
+        """Each prompt once per image, unconditional rows first when guided: the UNet's batch order."""
+        prompts = self.negatives + self.prompts if self.guided else self.prompts
+        return [p for p in prompts for _ in range(self.request.batch_size)]
+
+    def parameters(self) -> dict[str, Any]:
+        """What made the images (saved in the PNGs)."""
+        params = {
+            "prompt": self.prompts if len(self.prompts) > 1 else self.prompts[0],
+            "negative_prompt": self.negatives if len(self.negatives) > 1 else self.negatives[0],
+            "steps": self.steps, "guidance_scale": self.guidance_scale,
+            "guidance_rescale": self.request.guidance_rescale, "scheduler": self.scheduler, "seed": self.seed,
+            "height": self.height, "width": self.width, "batch_size": self.request.batch_size,
+            "backend": self.backend, "family": self.family,
+        }
+        if self.size_ids is not None:
+            params["time_ids"] = list(self.size_ids)
+        if self.pixels is not None:
+            params.update(strength=self.request.strength, resize_mode=self.request.resize_mode)
+        return params
+
+
+def check_seed(seed: Any) -> int | None:
+    """None or -1 (A1111's convention): a random seed; else an integer >= 0."""
+    integer = isinstance(seed, (int, np.integer)) and not isinstance(seed, bool)
+    if seed is None or (integer and seed == -1):
+        return None
+    if not integer or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, or -1 (or None) for a random seed, got {seed!r}")
+    return int(seed)
+
+
+
+def prompt_lists(prompt: str | Sequence[str], negative: str | Sequence[str]) -> tuple[list[str], list[str]]:
+    prompts = as_list(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+    negatives = as_list("" if negative is None else negative, len(prompts))
+    if negatives is None or len(negatives) != len(prompts) or not all(isinstance(p, str) for p in negatives):
+        raise ValueError(f"negative_prompt must be a string or a list of {len(prompts)} strings, got {negative!r}")
+    return prompts, negatives
+
+
+
+def as_list(text: Any, repeat: int = 1) -> list | None:
+    """A string repeated `repeat` times, a list or tuple as a list, anything else None (the caller's error)."""
+    if isinstance(text, str):
+        return [text] * repeat
+    return list(text) if isinstance(text, (list, tuple)) else None
+
+
+
+def initial_noise(latents: np.ndarray | None, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """The caller's initial noise (shape checked) or standard-normal noise from the seeded rng."""
+    if latents is None:
+        return rng.standard_normal(shape, dtype=np.float32)
+    latents = np.asarray(latents)
+    if latents.shape != shape:
+        raise ValueError(f"latents have shape {latents.shape}; this request needs {shape}")
+    if not np.issubdtype(latents.dtype, np.floating) or not np.isfinite(latents).all():
+        raise ValueError("latents must be finite floating-point values")
+    return latents.astype(np.float32)
