@@ -27,7 +27,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def _sizes(text: str) -> tuple[tuple[int, int], ...]:
     """WIDTHxHEIGHT list, as engine-build reads it, as (height, width) pairs."""
-    from diffusion_engine.engine.trt_build import parse_sizes
+    from diffusion_engine.engine.plans import parse_sizes
 
     try:
         return parse_sizes(text)
