@@ -2,7 +2,7 @@
 
 The weights are random (seeded), so the images are noise: these checkpoints measure speed and
 memory at the real shapes and parameter counts, never image quality. The tokenizer is the tiny
-BPE tokenizer of export/tiny.py with its ids remapped into a CLIP-sized vocabulary (49408, with
+BPE tokenizer of train/tiny.py with its ids remapped into a CLIP-sized vocabulary (49408, with
 <|startoftext|> = 49406 and <|endoftext|> = 49407 as in CLIP), so the text encoder's embedding
 table has the real size.
 """
@@ -73,7 +73,7 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>"):
     """The tiny BPE tokenizer with ids remapped into CLIP's 49408-entry vocabulary (specials at 49406/7)."""
     from transformers import CLIPTokenizer
 
-    from diffusion_engine.export.tiny import tiny_clip_vocab
+    from diffusion_engine.train.tiny import tiny_clip_vocab
 
     tiny, merges = tiny_clip_vocab()
     specials = ("<|startoftext|>", "<|endoftext|>")
