@@ -22,6 +22,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from diffusion_engine.benchmarks import flops
+from diffusion_engine.engine.atomic import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +157,6 @@ def fuse_file(src: Path, dst: Path, dims: dict[str, int]) -> int:
             if entry.key == "location" and not (dst.parent / entry.value).exists():
                 # A hard link: ONNX Runtime refuses external data that resolves outside the model's folder.
                 os.link((src.parent / entry.value).resolve(), dst.parent / entry.value)
-    onnx.save(model, str(dst))
+    write_atomic(dst, writer=lambda tmp: onnx.save(model, str(tmp)))  # the graph only: its weights are the links
     logger.info("fused %d attention blocks: %s -> %s", count, src, dst)
     return count

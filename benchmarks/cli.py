@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusion_engine.benchmarks.runner import BASELINES, Settings
+from diffusion_engine.engine.atomic import write_atomic
 
 USAGE_REPORT = "engine-bench report OUT.json [--markdown FILE] [--plot FILE]"
 
@@ -27,7 +28,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def _sizes(text: str) -> tuple[tuple[int, int], ...]:
     """WIDTHxHEIGHT list, as engine-build reads it, as (height, width) pairs."""
-    from diffusion_engine.engine.trt_build import parse_sizes
+    from diffusion_engine.engine.plans import parse_sizes
 
     try:
         return parse_sizes(text)
@@ -90,12 +91,12 @@ def write_outputs(doc: dict[str, Any], json_path: str | None, md_path: str | Non
     if json_path:
         path = Path(json_path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(doc, indent=2) + "\n")
+        write_atomic(path, json.dumps(doc, indent=2) + "\n")
         written.append(path)
         md_path = md_path or str(path.with_suffix(".md"))
         png_path = png_path or str(path.with_suffix(".png"))
     if md_path:
-        Path(md_path).write_text(report.markdown(doc))
+        write_atomic(md_path, report.markdown(doc))
         written.append(Path(md_path))
     if png_path:
         written.append(report.plot(doc, png_path))

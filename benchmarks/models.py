@@ -2,7 +2,7 @@
 
 The weights are random (seeded), so the images are noise: these checkpoints measure speed and
 memory at the real shapes and parameter counts, never image quality. The tokenizer is the tiny
-BPE tokenizer of export/tiny.py with its ids remapped into a CLIP-sized vocabulary (49408, with
+BPE tokenizer of train/tiny.py with its ids remapped into a CLIP-sized vocabulary (49408, with
 <|startoftext|> = 49406 and <|endoftext|> = 49407 as in CLIP), so the text encoder's embedding
 table has the real size.
 """
@@ -13,13 +13,14 @@ import argparse
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from diffusion_engine.engine.atomic import atomic_directory, check_output_dir
+
 logger = logging.getLogger(__name__)
 
+BENCH_INFO = "bench_checkpoint.json"  # what build_checkpoint wrote: architecture, seed, dtype, parameters
 NOTE = "random weights (seeded): for latency and memory only, never image quality"
 CLIP_VOCAB = 49408
 CLIP_POSITIONS = 77
@@ -73,7 +74,7 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>"):
     """The tiny BPE tokenizer with ids remapped into CLIP's 49408-entry vocabulary (specials at 49406/7)."""
     from transformers import CLIPTokenizer
 
-    from diffusion_engine.export.tiny import tiny_clip_vocab
+    from diffusion_engine.train.tiny import tiny_clip_vocab
 
     tiny, merges = tiny_clip_vocab()
     specials = ("<|startoftext|>", "<|endoftext|>")
@@ -151,6 +152,11 @@ def parameter_counts(parts: dict[str, Any]) -> dict[str, int]:
     return {k: sum(p.numel() for p in v.parameters()) for k, v in parts.items() if hasattr(v, "parameters")}
 
 
+def _is_bench_checkpoint(path: Path) -> bool:
+    """True if path is a checkpoint build_checkpoint wrote (it has bench_checkpoint.json)."""
+    return (path / BENCH_INFO).is_file()
+
+
 def build_checkpoint(name: str, out_dir: str | os.PathLike, seed: int = 0, fp16: bool = False, overwrite: bool = False) -> Path:
     """Write a random-weight checkpoint of the named architecture in diffusers format; return its path.
 
@@ -160,11 +166,8 @@ def build_checkpoint(name: str, out_dir: str | os.PathLike, seed: int = 0, fp16:
     if name not in BUILDERS:
         raise ValueError(f"unknown architecture {name!r}; valid: {', '.join(BUILDERS)}")
     out = Path(out_dir)
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    # Before the GBs of weights are made: atomic_directory checks again before it writes.
+    check_output_dir(out, overwrite, replaceable=_is_bench_checkpoint, what="a benchmark checkpoint")
     import torch
 
     previous = torch.get_default_dtype()
@@ -176,16 +179,11 @@ def build_checkpoint(name: str, out_dir: str | os.PathLike, seed: int = 0, fp16:
     counts = parameter_counts(parts)
     if counts != PARAMETERS[name]:
         raise RuntimeError(f"{name}: parameter counts {counts} differ from the real architecture's {PARAMETERS[name]}")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    info = {"builder": f"diffusion_engine.benchmarks.models.build_checkpoint({name!r})", "seed": seed,
+            "dtype": "float16" if fp16 else "float32", "parameters": counts, "note": NOTE}
+    with atomic_directory(out, overwrite, replaceable=_is_bench_checkpoint, what="a benchmark checkpoint") as tmp:
         _pipeline(name, parts).save_pretrained(tmp, safe_serialization=True)
-        info = {"builder": f"diffusion_engine.benchmarks.models.build_checkpoint({name!r})", "seed": seed,
-                "dtype": "float16" if fp16 else "float32", "parameters": counts, "note": NOTE}
-        (tmp / "bench_checkpoint.json").write_text(json.dumps(info, indent=2) + "\n")
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / BENCH_INFO).write_text(json.dumps(info, indent=2) + "\n")
     logger.info("wrote %s checkpoint (seed %d, %s) to %s", name, seed, info["dtype"], out)
     return out
 

@@ -20,6 +20,7 @@ import onnxruntime as ort
 from diffusion_engine.benchmarks.attention_fusion import fuse_file
 from diffusion_engine.benchmarks.measure import summarize
 from diffusion_engine.benchmarks.systems import Case, unet_feeds
+from diffusion_engine.engine.atomic import write_atomic
 from diffusion_engine.engine.manifest import read_manifest
 from diffusion_engine.engine.specs import NOISE_PRED, UNET
 from diffusion_engine.runtime.session import cpu_threads
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
-        Path(args.json).write_text(text + "\n")
+        write_atomic(args.json, text + "\n")
     return 0
 
 

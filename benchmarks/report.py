@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusion_engine.benchmarks.systems import STAGES
+from diffusion_engine.engine.atomic import write_atomic
 
 ROW_LABELS = {
     "tokenize": "tokenize", "text_encoder": "text encoder", "unet": "UNet (per call)",
@@ -152,6 +153,7 @@ def plot(doc: dict[str, Any], path: str | Path) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path)
+    fmt = path.suffix[1:] or matplotlib.rcParams["savefig.format"]  # as savefig(path) picks it, not from the temp name
+    write_atomic(path, writer=lambda tmp: fig.savefig(tmp, format=fmt))
     plt.close(fig)
     return path

@@ -9,17 +9,9 @@ from pathlib import Path
 
 from diffusion_engine.engine.atomic import run_cli
 from diffusion_engine.engine.manifest import Manifest, ManifestError, check_files, read_manifest
-from diffusion_engine.engine.trt_build import (
-    BuildConfig,
-    PlanResult,
-    Toolchain,
-    TrtBuildError,
-    TrtUnavailable,
-    build_engine,
-    find_toolchain,
-    parse_sizes,
-    size_buckets,
-)
+from diffusion_engine.engine.plans import BuildConfig, parse_sizes, size_buckets
+from diffusion_engine.engine.toolchain import Toolchain, TrtUnavailable
+from diffusion_engine.engine.trt_build import PlanResult, TrtBuildError, build_engine, find_toolchain
 
 
 def describe(engine_dir: str, m: Manifest) -> str:

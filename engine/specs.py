@@ -55,6 +55,7 @@ UNET_BATCH = "unet_batch"
 EVALUATIONS = "evaluations"
 NOISE_ROWS = "noise_rows"
 MAX_EVALUATIONS = 1000
+STATE_SIZE = 4  # K: latent-shaped state buffers of the step graph (and of every sampler plan); state[0] is the latents
 
 TEXT_ENCODER = "text_encoder"
 UNET = "unet"

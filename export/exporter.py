@@ -24,6 +24,7 @@ from diffusion_engine.engine.manifest import (
 from diffusion_engine.engine.specs import (
     COMPONENTS,
     FAMILY_DEFAULTS,
+    STATE_SIZE,
     STEP,
     STEP_GUIDED,
     STEP_RESCALED,
@@ -40,7 +41,7 @@ from diffusion_engine.engine.specs import (
     step_specs,
 )
 from diffusion_engine.engine.step_graph import build_step_graph, reference_step
-from diffusion_engine.runtime.samplers import STATE_SIZE, default_sampler
+from diffusion_engine.runtime.samplers import default_sampler
 from diffusion_engine.export import components, fp16, validate
 from diffusion_engine.export.checkpoint import Checkpoint, load_checkpoint
 from diffusion_engine.export.tokenizer import TOKENIZER_2_FILE, TOKENIZER_FILE, save_tokenizer

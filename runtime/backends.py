@@ -39,7 +39,8 @@ class Components:
 def trt_unavailable(manifest: Manifest, names: tuple[str, ...]) -> BackendUnavailable | None:
     """None if TensorRT, a GPU and fitting plans for every component are here; else why not."""
     try:
-        from diffusion_engine.engine.trt_build import find_toolchain, select_plan
+        from diffusion_engine.engine.plans import select_plan
+        from diffusion_engine.runtime.trt_loader import find_toolchain
 
         tc = find_toolchain()
         for n in names:

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from diffusion_engine.engine.toolchain import NO_CUDA_PYTHON
+
 logger = logging.getLogger(__name__)
 
 
@@ -23,9 +25,7 @@ def cudart() -> Any:
         try:
             from cuda import cudart as runtime
         except ImportError as exc:
-            raise RuntimeError(
-                "cuda-python is not installed: install diffusion-engine[trt], or use --backend ort-cpu"
-            ) from exc
+            raise RuntimeError(NO_CUDA_PYTHON) from exc
     return runtime
 
 

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from diffusion_engine.engine.manifest import ComponentEntry, Manifest
+from diffusion_engine.engine.plans import PlanMismatch, Profile, select_profile
 from diffusion_engine.engine.specs import (
     EVALUATIONS,
     NOISE,
@@ -28,6 +29,8 @@ from diffusion_engine.engine.specs import (
     TIMESTEP,
     TIMESTEP_OUT,
 )
+from diffusion_engine.engine.toolchain import TrtUnavailable
+from diffusion_engine.runtime import trt_loader
 from diffusion_engine.runtime.cuda import CudaGraph, DeviceArray, DeviceBuffer, Stream, copy_async
 from diffusion_engine.runtime.denoise import LoopInputs, Progress
 from diffusion_engine.runtime.session import BackendUnavailable, Session
@@ -79,8 +82,6 @@ class TrtSession(Session):
 
     def prepare(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
         """Pick the profile that holds the request, set every input shape, grow per-request buffers."""
-        from diffusion_engine.engine.trt_build import select_profile
-
         profile = select_profile(self.plan, shapes)
         if profile is None:
             raise ValueError(f"{self.spec.name}: no optimisation profile of {self.plan['file']} holds {dict(shapes)}")
@@ -120,8 +121,6 @@ class TrtSession(Session):
 
     def is_bucket(self, name: str, shape: tuple[int, ...]) -> bool:
         """Whether a profile's opt point has this shape's spatial size (graphs are kept for buckets only)."""
-        from diffusion_engine.engine.trt_build import Profile
-
         profiles = [Profile.from_dict(p) for p in self.plan["profiles"]]
         return any(name in p.shapes and p.shapes[name].opt[2:] == tuple(shape[2:]) for p in profiles)
 
@@ -193,11 +192,9 @@ class TrtBackend:
     """Loads every component's plan for this GPU, one stream, one shared activation allocation."""
 
     def __init__(self, engine_dir: Path, manifest: Manifest, names: tuple[str, ...], cuda_graphs: bool = True):
-        from diffusion_engine.engine.trt_build import PlanMismatch, TrtUnavailable, find_toolchain, load_plan
-
         try:
-            tc = find_toolchain()
-            loaded = {n: load_plan(engine_dir, manifest, n, tc) for n in names}  # PlanMismatch: never a blind load
+            tc = trt_loader.find_toolchain()
+            loaded = {n: trt_loader.load_plan(engine_dir, manifest, n, tc) for n in names}  # PlanMismatch: never a blind load
         except (TrtUnavailable, PlanMismatch) as exc:
             raise BackendUnavailable(f"--backend trt: {exc}", getattr(exc, "brief", None)) from exc
         self.stream = Stream()

@@ -27,7 +27,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    from diffusion_engine.export.tiny import build_tiny_sd1
+    from diffusion_engine.train.tiny import build_tiny_sd1
 
     return build_tiny_sd1(tmp_path_factory.mktemp("ckpt") / "tiny-sd1", seed=0)
 

@@ -129,7 +129,7 @@ def cli(name: str):
     if name == "export":
         from diffusion_engine.export.cli import main
     elif name == "tiny":
-        from diffusion_engine.export.tiny import main
+        from diffusion_engine.train.tiny import main
     elif name == "run":
         from diffusion_engine.runtime.cli import main
     else:

@@ -1,6 +1,6 @@
 """Model families: detection, export and generate() at parity with each family's diffusers pipeline.
 
-Every family's tiny checkpoint (export/tiny.py) is exported once per session (sd1's is conftest's
+Every family's tiny checkpoint (train/tiny.py) is exported once per session (sd1's is conftest's
 engine) and compared image by image with diffusers (same weights, scheduler config and latents;
 stochastic samplers get our noise injected): PSNR >= 40 dB on the uint8 images.
 """
@@ -31,7 +31,7 @@ from diffusion_engine.engine.specs import FAMILY_DEFAULTS, BuildRanges, FamilyDe
 from diffusion_engine.export.checkpoint import CheckpointError, load_checkpoint
 from diffusion_engine.export.exporter import ExportOptions, export_engine, fp32_reason
 from diffusion_engine.export.families import detect_family
-from diffusion_engine.export.tiny import build_tiny
+from diffusion_engine.train.tiny import build_tiny
 from diffusion_engine.runtime.backends import Components
 from diffusion_engine.runtime.denoise import HostLoop
 from diffusion_engine.runtime.pipeline import Pipeline, guidance_embedding, runtime_components

@@ -14,14 +14,10 @@ import pytest
 from diffusion_engine.engine import trt_build
 from diffusion_engine.engine.cli import build_main
 from diffusion_engine.engine.manifest import Manifest, read_manifest
-from diffusion_engine.engine.trt_build import (
-    LoadedPlan,
-    PlanMismatch,
-    Toolchain,
-    TrtUnavailable,
-    load_plan,
-    select_profile,
-)
+from diffusion_engine.engine.plans import PlanMismatch, select_profile
+from diffusion_engine.engine.toolchain import Toolchain, TrtUnavailable, trt_logger
+from diffusion_engine.runtime import cuda as runtime_cuda
+from diffusion_engine.runtime.trt_loader import LoadedPlan, load_plan
 from diffusion_engine.engine.trt_ops import check_engine
 
 pytestmark = pytest.mark.gpu
@@ -53,13 +49,13 @@ def engine(tiny_engine, toolchain, tmp_path_factory) -> Path:
 def cuda(result: tuple) -> Any:
     """Unpack a cuda-python (error, value...) tuple, failing on an error."""
     err, *values = result
-    assert err == trt_build._cudart().cudaError_t.cudaSuccess, err
+    assert err == runtime_cuda.cudart().cudaError_t.cudaSuccess, err
     return values[0] if values else None
 
 
 def run_plan(loaded: LoadedPlan, feeds: Mapping[str, np.ndarray], trt: Any) -> dict[str, np.ndarray]:
     """Run a deserialized engine once on host arrays: name-based I/O (TensorRT 10) and cuda-python memory."""
-    cudart, engine = trt_build._cudart(), loaded.engine
+    cudart, engine = runtime_cuda.cudart(), loaded.engine
     context = engine.create_execution_context()
     profile = select_profile(loaded.plan, {n: a.shape for n, a in feeds.items()})
     assert profile is not None, f"no profile of {loaded.plan['file']} holds {[a.shape for a in feeds.values()]}"
@@ -165,9 +161,9 @@ def test_foreign_plans_are_refused(engine, toolchain):
 
 def test_parser_supports_the_ops_the_table_passes(engine, toolchain):
     trt = toolchain.trt
-    builder = trt.Builder(trt_build.trt_logger(trt))  # outlives the network it creates
+    builder = trt.Builder(trt_logger(trt))  # outlives the network it creates
     network = builder.create_network(0)
-    parser = trt.OnnxParser(network, trt_build.trt_logger(trt))
+    parser = trt.OnnxParser(network, trt_logger(trt))
     if not hasattr(parser, "supports_operator"):
         pytest.skip("this TensorRT's OnnxParser has no supports_operator")
     checks = check_engine(engine, read_manifest(engine))

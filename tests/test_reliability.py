@@ -165,7 +165,7 @@ def test_manifest_readers_ignore_unknown_fields(tiny_engine, tmp_path):
 
 
 def test_engine_tiny_never_replaces_what_it_did_not_write(tmp_path, tiny_checkpoint, capsys):
-    from diffusion_engine.export.tiny import main
+    from diffusion_engine.train.tiny import main
 
     folder = user_folder(tmp_path)
     before = snapshot(folder)

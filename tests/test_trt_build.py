@@ -28,15 +28,12 @@ from diffusion_engine.engine.specs import (
     ModelDims,
     component_specs,
 )
-from diffusion_engine.engine.trt_build import (
+from diffusion_engine.engine.plans import (
     Bucket,
     BuildConfig,
     PlanMismatch,
-    Toolchain,
-    TrtUnavailable,
     derive_profiles,
     merge_plans,
-    onnx_digest,
     parse_sizes,
     plan_key,
     plan_mismatch,
@@ -44,6 +41,10 @@ from diffusion_engine.engine.trt_build import (
     select_profile,
     size_buckets,
 )
+from diffusion_engine.engine.toolchain import Toolchain, TrtUnavailable
+from diffusion_engine.engine.trt_build import onnx_digest
+from diffusion_engine.runtime import cuda as runtime_cuda
+from diffusion_engine.runtime import trt_loader
 from tests.conftest import MAX_BATCH, MAX_SIZE, MIN_SIZE
 
 DIMS = ModelDims(latent_channels=4, vae_scale_factor=8, unet_downsample=2, text_hidden_size=32, max_text_length=77)
@@ -104,30 +105,51 @@ def test_engine_build_names_a_missing_gpu(monkeypatch, capsys, tmp_path):
     assert "tensorrt` Python package is not installed" not in err
 
 
-def test_old_tensorrt_is_refused(monkeypatch):
+# engine-build and the runtime read TensorRT and the GPU alike (engine/toolchain.py), each through its own
+# cuda-python loader: (module with find_toolchain / cuda_device, the object holding its loader, its name).
+DISCOVERY = [
+    pytest.param(trt_build, trt_build, "_cudart", id="engine-build"),
+    pytest.param(trt_loader, runtime_cuda, "cudart", id="runtime"),
+]
+SIDES = [pytest.param(p.values[0], id=p.id) for p in DISCOVERY]
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_old_tensorrt_is_refused(monkeypatch, side):
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="8.6.1"))
-    monkeypatch.setattr(trt_build, "cuda_device", lambda: ("8.9", "GPU"))
+    monkeypatch.setattr(side, "cuda_device", lambda: ("8.9", "GPU"))
     with pytest.raises(TrtUnavailable, match=r"tensorrt 8\.6\.1 is too old"):
-        trt_build.find_toolchain()
+        side.find_toolchain()
 
 
+@pytest.mark.parametrize("side, holder, loader", DISCOVERY)
 @pytest.mark.parametrize("count, message", [
     ((35, None), r"no CUDA GPU is visible \(cudaGetDeviceCount: cudaErrorInsufficientDriver\)"),
     ((0, 0), r"no CUDA GPU is visible \(cudaGetDeviceCount: 0 devices\)"),
 ])
-def test_cuda_errors_are_named(monkeypatch, count, message):
+def test_cuda_errors_are_named(monkeypatch, count, message, side, holder, loader):
     class Err:
         cudaSuccess = 0
 
     code, n = count
     err = types.SimpleNamespace(name="cudaErrorInsufficientDriver") if code else 0
     fake = types.SimpleNamespace(cudaError_t=Err, cudaGetDeviceCount=lambda: (err, n))
-    monkeypatch.setattr(trt_build, "_cudart", lambda: fake)
+    monkeypatch.setattr(holder, loader, lambda: fake)
     with pytest.raises(TrtUnavailable, match=message):
-        trt_build.cuda_device()
+        side.cuda_device()
 
 
-def test_toolchain_reads_the_device_through_cuda_python(monkeypatch):
+@pytest.mark.parametrize("side", SIDES)
+def test_missing_cuda_python_is_named(monkeypatch, side):
+    for name in ("cuda", "cuda.bindings", "cuda.bindings.runtime", "cuda.cudart"):
+        monkeypatch.setitem(sys.modules, name, None)  # a None entry makes the import fail
+    with pytest.raises(TrtUnavailable, match="no CUDA GPU can be found: cuda-python is not installed") as info:
+        side.cuda_device()
+    assert info.value.brief == "no CUDA GPU (cuda-python missing)"
+
+
+@pytest.mark.parametrize("side, holder, loader", DISCOVERY)
+def test_toolchain_reads_the_device_through_cuda_python(monkeypatch, side, holder, loader):
     class Err:
         cudaSuccess = 0
 
@@ -137,9 +159,9 @@ def test_toolchain_reads_the_device_through_cuda_python(monkeypatch):
         cudaGetDevice=lambda: (0, 1),
         cudaGetDeviceProperties=lambda d: (0, types.SimpleNamespace(major=9, minor=0, name=b"NVIDIA H100 80GB HBM3\0")),
     )
-    monkeypatch.setattr(trt_build, "_cudart", lambda: fake)
+    monkeypatch.setattr(holder, loader, lambda: fake)
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.7.0.23"))
-    tc = trt_build.find_toolchain()
+    tc = side.find_toolchain()
     assert (tc.tensorrt_version, tc.compute_capability, tc.device) == ("10.7.0.23", "9.0", "NVIDIA H100 80GB HBM3")
 
 

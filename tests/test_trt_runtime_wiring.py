@@ -13,9 +13,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from diffusion_engine.engine import trt_build
+from diffusion_engine.engine import plans
 from diffusion_engine.engine.manifest import read_manifest
 from diffusion_engine.runtime import cuda as runtime_cuda
+from diffusion_engine.runtime import trt_loader
 from diffusion_engine.runtime.pipeline import Pipeline
 from diffusion_engine.runtime.session import OrtCpuSession
 from tests.fake_gpu import FakeCuda, FakeEngine, fake_tensorrt
@@ -28,22 +29,22 @@ def fake_gpu(monkeypatch, tiny_engine):
     """Patch cudart and tensorrt; plans are the fp32 graphs with profiles for 256x256 and 384x384."""
     cuda = FakeCuda()
     manifest = read_manifest(tiny_engine)
-    config = trt_build.BuildConfig(
-        buckets=trt_build.size_buckets(manifest.build, manifest.dims.size_multiple, sizes=((256, 256), (384, 384))),
+    config = plans.BuildConfig(
+        buckets=plans.size_buckets(manifest.build, manifest.dims.size_multiple, sizes=((256, 256), (384, 384))),
         max_batch=manifest.build.max_batch,
     )
 
     def load_plan(engine_dir, manifest, name, tc):
         entry = manifest.components[name]
-        profiles = trt_build.derive_profiles(name, entry, manifest.dims, manifest.build, config)
+        profiles = plans.derive_profiles(name, entry, manifest.dims, manifest.build, config)
         session = OrtCpuSession(engine_dir / entry.files["fp32"], entry.spec(name), entry.ranges())._session
         plan = {"file": f"{name}.plan", "profiles": [p.as_dict() for p in profiles]}
         return SimpleNamespace(runtime=None, engine=FakeEngine(cuda, session, entry.spec(name), manifest.dims.vae_scale_factor), plan=plan)
 
     monkeypatch.setattr(runtime_cuda, "cudart", lambda: cuda)
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt)
-    monkeypatch.setattr(trt_build, "find_toolchain", lambda: None)
-    monkeypatch.setattr(trt_build, "load_plan", load_plan)
+    monkeypatch.setattr(trt_loader, "find_toolchain", lambda: None)
+    monkeypatch.setattr(trt_loader, "load_plan", load_plan)
     return cuda
 
 

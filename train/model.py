@@ -60,10 +60,10 @@ def scheduler_config() -> dict:
 
 
 def build_tokenizer():
-    """The tiny CLIP BPE tokenizer of export/tiny.py: every caption word is one token."""
+    """The tiny CLIP BPE tokenizer of train/tiny.py: every caption word is one token."""
     from transformers import CLIPTokenizer
 
-    from diffusion_engine.export.tiny import tiny_clip_vocab
+    from diffusion_engine.train.tiny import tiny_clip_vocab
 
     vocab, merges = tiny_clip_vocab()
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)

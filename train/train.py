@@ -14,9 +14,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,12 +21,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffusion_engine.engine.atomic import atomic_directory, check_output_dir
 from diffusion_engine.train import data
 from diffusion_engine.train.model import Recipe, build_components
 
 logger = logging.getLogger(__name__)
 
 LOG = "train_log.csv"
+RECIPE = "recipe.json"
 
 
 class Log:
@@ -170,28 +169,24 @@ def save(out: Path, components, recipe: Recipe, log: Log, overwrite: bool) -> Pa
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_directory(out, overwrite, replaceable=_is_trained_checkpoint, what="a trained checkpoint") as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "recipe.json").write_text(json.dumps(recipe.to_json(), indent=2) + "\n")
+        (tmp / RECIPE).write_text(json.dumps(recipe.to_json(), indent=2) + "\n")
         with open(tmp / LOG, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=["phase", "step", "loss", "seconds"])
             writer.writeheader()
             writer.writerows(log.rows)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
+
+
+def _is_trained_checkpoint(path: Path) -> bool:
+    """True if path is a checkpoint save wrote (it has recipe.json): the one kind --overwrite replaces."""
+    return (path / RECIPE).is_file()
 
 
 def train(recipe: Recipe, out: Path, overwrite: bool = False, vae_from: Path | None = None) -> Path:
     """Run the whole recipe (or the UNet part, reusing `vae_from`'s autoencoder) and write `out`."""
+    check_output_dir(out, overwrite, replaceable=_is_trained_checkpoint, what="a trained checkpoint")  # before training
     torch.manual_seed(recipe.seed)
     torch.set_num_threads(recipe.threads)
     torch.use_deterministic_algorithms(True)

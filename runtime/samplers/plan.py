@@ -14,10 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
+from diffusion_engine.engine.specs import STATE_SIZE
 
-STATE_SIZE = 4
-"""K: latent-shaped state buffers per plan; state[0] is the current latents."""
+logger = logging.getLogger(__name__)
 
 _MODEL_OUTPUT = STATE_SIZE
 _NOISE = STATE_SIZE + 1

@@ -21,6 +21,9 @@ _WORDS = (
 ).split()
 
 TINY_INFO = "tiny_checkpoint.json"  # what build_tiny wrote: builder, family, seed
+# The "builder" ids TINY_INFO records: unchanged since this module was export/tiny.py, so folders
+# written before the move are still recognised and reused.
+SD1_BUILDER, BUILDER = "diffusion_engine.export.tiny.build_tiny_sd1", "diffusion_engine.export.tiny.build_tiny"
 TINY_TEXT_HIDDEN = 32
 
 
@@ -107,7 +110,7 @@ def build_tiny_sd1(out_dir: str | os.PathLike, seed: int = 0, overwrite: bool = 
     from diffusers import StableDiffusionPipeline
 
     out = Path(out_dir)
-    info = {"builder": "diffusion_engine.export.tiny.build_tiny_sd1", "seed": seed}
+    info = {"builder": SD1_BUILDER, "seed": seed}
     if _existing(out, overwrite, info):
         return out
     text_encoder, tokenizer, unet, vae, scheduler = _tiny_components(seed)
@@ -266,7 +269,7 @@ def build_tiny(family: str, out_dir: str | os.PathLike, seed: int = 0, overwrite
     if family == "sd1":
         return build_tiny_sd1(out_dir, seed=seed, overwrite=overwrite)
     out = Path(out_dir)
-    info = {"builder": "diffusion_engine.export.tiny.build_tiny", "family": family, "seed": seed}
+    info = {"builder": BUILDER, "family": family, "seed": seed}
     if _existing(out, overwrite, info):
         return out
     _save_atomically(_tiny_pipeline(family, seed), out, info)
