@@ -138,7 +138,8 @@ class OursSystem:
         self.times = StageTimes()
         # In place: the backend's loop reads the same dict, so UNet and step-graph calls are timed too.
         for name, session in list(self.pipe.sessions.items()):
-            self.pipe.sessions[name] = TimedSession(session, STAGE_OF[name], self.times)
+            if name in STAGE_OF:  # text-to-image stages (the VAE encoder runs for image requests only)
+                self.pipe.sessions[name] = TimedSession(session, STAGE_OF[name], self.times)
         self.device = "cpu" if self.pipe.backend == "ort-cpu" else "cuda"
         self.load_rss_bytes = rss_bytes() - before
 

@@ -121,7 +121,8 @@ class VaeEncoder(torch.nn.Module):
         self.scale, self.shift = decoder.scale, decoder.shift
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = images.permute(0, 3, 1, 2).to(torch.float32) / 255.0 * 2.0 - 1.0  # VaeImageProcessor's normalisation
+        # The cast is the first op: TensorRT allows UINT8 only as a network input or output.
+        x = images.to(torch.float32).permute(0, 3, 1, 2) / 255.0 * 2.0 - 1.0  # VaeImageProcessor's normalisation
         posterior = self.vae.encode(x, return_dict=False)[0]
         return (posterior.mean - self.shift) / self.scale, posterior.std / self.scale
 
@@ -226,8 +227,31 @@ def export_component(
     logger.debug("torch.onnx output for %s:\n%s", spec.name, log.getvalue())
     model = program.model_proto
     name_axes(model, spec)
+    shapes_from_cast(model)
     save_model(model, path)
     return model
+
+
+def shapes_from_cast(model: onnx.ModelProto) -> None:
+    """Shape/Size nodes of a UINT8 graph input read its first Cast instead, which goes first in the graph.
+
+    TensorRT allows UINT8 only as a network input or output (so only a Cast may read it); the shape of
+    the cast tensor is the same, and the Cast needs nothing but the input, so it may run first.
+    """
+    nodes = list(model.graph.node)
+    for value in model.graph.input:
+        if value.type.tensor_type.elem_type != onnx.TensorProto.UINT8:
+            continue
+        cast = next((n for n in nodes if n.op_type == "Cast" and n.input[0] == value.name), None)
+        if cast is None:
+            continue
+        for node in nodes:
+            if node.op_type in ("Shape", "Size") and node.input[0] == value.name:
+                node.input[0] = cast.output[0]
+        nodes.remove(cast)
+        nodes.insert(0, cast)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
 
 
 def name_axes(model: onnx.ModelProto, spec: ComponentSpec) -> None:

@@ -143,6 +143,8 @@ class FakeContext:
         dims = {a: s for t in spec.inputs for a, s in zip(t.axes, self.shapes[t.name])}
         if "latent_height" in dims:  # the VAE decoder's pixel axes
             dims.update(height=dims["latent_height"] * f, width=dims["latent_width"] * f)
+        elif "height" in dims:  # the VAE encoder's latent axes
+            dims.update(latent_height=dims["height"] // f, latent_width=dims["width"] // f)
         return spec.tensor(name).shape(dims)
 
     def execute_async_v3(self, stream):

@@ -35,7 +35,7 @@ from diffusion_engine.train.tiny import build_tiny
 from diffusion_engine.runtime.backends import Components
 from diffusion_engine.runtime.denoise import HostLoop
 from diffusion_engine.runtime.pipeline import Pipeline, guidance_embedding, runtime_components
-from diffusion_engine.runtime.samplers import STOCHASTIC, make_plan
+from diffusion_engine.runtime.samplers import SAMPLERS, STOCHASTIC, make_plan
 from diffusion_engine.runtime.session import OrtCpuSession
 from diffusion_engine.runtime.tokenizer import PromptTokenizer
 from tests.test_pipeline import psnr
@@ -350,3 +350,38 @@ def test_family_override_stays_within_the_architecture(family):
     # The turbo export forces trailing timesteps into the recorded scheduler config.
     ckpt = load_checkpoint(str(family("sd2")[0]), family="sd-turbo")
     assert ckpt.family == "sd-turbo" and ckpt.scheduler_config["timestep_spacing"] == "trailing"
+
+
+IMG2IMG_CASES = (
+    [("sd2", sampler, strength) for sampler in SAMPLERS if sampler != "lcm" for strength in (0.3, 0.75)]
+    + [("sdxl", "euler", 0.5), ("sdxl", "dpmpp_2m", 0.75), ("sd-turbo", "euler_a", 0.5), ("sdxl-turbo", "euler_a", 0.5)]
+)
+
+
+@pytest.mark.parametrize(("name", "sampler", "strength"), IMG2IMG_CASES)
+def test_img2img_matches_diffusers(family, pipelines, monkeypatch, name, sampler, strength):
+    """Every sampler on the zero-SNR v-prediction sd2 at strength 0.3 and 0.75; SDXL and the turbos (their
+    own img2img pipelines) at one strength each."""
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
+
+    from tests.test_img2img import img2img_images, our_draws, picture
+    from tests.test_pipeline import DIFFUSERS
+
+    ckpt, engine = family(name)
+    pipe = pipelines(engine)
+    steps = 2 if name.endswith("turbo") else 6  # turbo: strength x steps must reach one step, as in diffusers
+    guidance = 0.0 if name.endswith("turbo") else 5.0
+    image = picture(256, 256)
+    ours = pipe.generate(PROMPT, image=image, strength=strength, steps=steps, scheduler=sampler, seed=5,
+                         guidance_scale=guidance)
+    base = DiffusionPipeline.from_pretrained(ckpt)
+    cls = StableDiffusionXLImg2ImgPipeline if name.startswith("sdxl") else StableDiffusionImg2ImgPipeline
+    ref = cls(**base.components)
+    scheduler_cls, forced = DIFFUSERS[sampler]
+    ref.scheduler = scheduler_cls.from_config(dict(base.scheduler.config), **forced)
+    draws = our_draws(pipe, sampler, steps, strength, 5, 1, 256, 256)
+    theirs = img2img_images(ref, image, strength, draws, monkeypatch, prompt=PROMPT, num_inference_steps=steps,
+                            guidance_scale=guidance)
+    score = psnr(ours.array, theirs)
+    print(f"PSNR img2img {name} {sampler} strength {strength}: {score:.1f} dB")
+    assert score >= 40.0, score

@@ -42,24 +42,31 @@ def img2img_reference(tiny_pipeline):
     return ref
 
 
-def diffusers_img2img(ref, scheduler: str, image: np.ndarray, strength: float, draws, monkeypatch, **kw) -> np.ndarray:
-    """diffusers' uint8 images; every randn_tensor call (posterior sample, initial noise, ancestral noise)
-    takes the next of `draws`, the arrays our generator drew in the same order."""
+def img2img_images(ref, image: np.ndarray, strength: float, draws, monkeypatch, **kw) -> np.ndarray:
+    """A diffusers img2img pipeline's uint8 images; every randn_tensor call (posterior sample, initial
+    noise, ancestral noise) takes the next of `draws`, the arrays our generator drew in the same order."""
     import diffusers.models.autoencoders.vae as vae
-    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as img2img
+    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as sd
+    import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img as sdxl
     import diffusers.schedulers.scheduling_euler_ancestral_discrete as ea
 
     draws = iter(draws)
-    for module in (vae, img2img, ea):
+    for module in (vae, sd, sdxl, ea):
         monkeypatch.setattr(module, "randn_tensor", lambda shape, *a, **k: torch.from_numpy(next(draws)).reshape(shape))
+    ref.set_progress_bar_config(disable=True)
+    out = ref(image=Image.fromarray(image), strength=strength, output_type="np", **kw).images
+    return (out * 255).round().astype(np.uint8)
+
+
+def diffusers_img2img(ref, scheduler: str, image: np.ndarray, strength: float, draws, monkeypatch, **kw) -> np.ndarray:
+    """img2img_images with sampler `scheduler` on the checkpoint's scheduler config."""
     cls, forced = DIFFUSERS[scheduler]
     base = ref.scheduler.config
     ref.scheduler = cls.from_config(base, **forced)
     try:
-        out = ref(image=Image.fromarray(image), strength=strength, output_type="np", **kw).images
+        return img2img_images(ref, image, strength, draws, monkeypatch, **kw)
     finally:
         ref.scheduler = DDIMScheduler.from_config(base)
-    return (out * 255).round().astype(np.uint8)
 
 
 def our_draws(pipe: Pipeline, scheduler: str, steps: int, strength: float, seed: int, n: int, height: int, width: int):

@@ -64,6 +64,19 @@ def test_trt_loop_equals_ort_cpu(fake_gpu, tiny_engine, size):
     assert fake_gpu.launches == (kw["steps"] - 1 if bucket else 0)  # step 0 is the eager warm-up
 
 
+@pytest.mark.parametrize("scheduler", ["dpmpp_2m", "euler_a"])
+def test_trt_img2img_equals_ort_cpu(fake_gpu, tiny_engine, scheduler):
+    """The encoder runs on the device too; the loop starts from the noised image latents."""
+    from tests.test_img2img import picture
+
+    kw = dict(steps=5, seed=2, image=picture(256, 256), strength=0.6, scheduler=scheduler)
+    ours, pipe = generate(tiny_engine, "trt", **kw)
+    ref, _ = generate(tiny_engine, "ort-cpu", **kw)
+    np.testing.assert_array_equal(ours, ref)
+    evaluations = 3  # int(5 x 0.6) steps of the schedule's tail
+    assert (fake_gpu.captures, fake_gpu.launches) == (1, evaluations - 1)  # a 256x256 bucket: captured after step 0
+
+
 def test_graphs_replay_across_images_and_drop_when_buffers_move(fake_gpu, tiny_engine):
     kw = dict(steps=3, seed=1, height=256, width=256, scheduler="euler_a")
     with Pipeline.load(tiny_engine, backend="trt") as pipe:
