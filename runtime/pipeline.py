@@ -38,7 +38,7 @@ from diffusion_engine.engine.specs import (
 )
 from diffusion_engine.runtime.backends import Components, open_components, pick_backend
 from diffusion_engine.runtime.denoise import Progress, loop_inputs
-from diffusion_engine.runtime.samplers import SAMPLERS, SamplerPlan, default_sampler, make_plan
+from diffusion_engine.runtime.samplers import SAMPLERS, SamplerPlan, default_sampler, img2img_plan, make_plan
 from diffusion_engine.runtime.request import (
     DEFAULT_STRENGTH,
     GenerationRequest,
@@ -115,24 +115,25 @@ class Pipeline:
     def default_size(self) -> int:
         return self.defaults.size
 
-    def _make_plan(self, scheduler: str, steps: int, start: int = 0) -> SamplerPlan:
-        return make_plan(scheduler, self.manifest.scheduler_config, steps, start)
+    def _make_plan(self, scheduler: str, steps: int, strength: float | None = None) -> SamplerPlan:
+        config = self.manifest.scheduler_config
+        return make_plan(scheduler, config, steps) if strength is None else img2img_plan(scheduler, config, steps, strength)
 
-    def _sampler_plan(self, scheduler: str, steps: int, start: int = 0) -> SamplerPlan:
-        """The plan (from step `start`: img2img), or one error naming the step limit of this sampler on
-        this engine (its scheduler config and the step graph's longest table) where `steps` is past it."""
-        if start and scheduler == "lcm":
-            raise ValueError("image requests with the lcm sampler are not supported yet; choose another scheduler")
+    def _sampler_plan(self, scheduler: str, steps: int, strength: float | None = None) -> SamplerPlan:
+        """The plan (img2img's with a strength), or one error naming the step limit of this sampler on
+        this engine (its scheduler config, the strength, the step graph's longest table) where `steps` is past it."""
         try:
-            plan = self._plan(scheduler, steps, start)
+            plan = self._plan(scheduler, steps, strength)
             if plan.num_evaluations <= self._max_evaluations:
                 return plan
         except ValueError:
             pass
-        limit = self._max_steps(scheduler)
+        limit = self._max_steps(scheduler, strength)
+        at = "" if strength is None else f" at strength {strength}"
         if limit is None:
-            raise ValueError(f"{scheduler} cannot run with this engine's scheduler config; choose another scheduler")
-        raise ValueError(f"steps {steps} is more than {scheduler} takes on this engine: 1 to {limit}")
+            raise ValueError(f"{scheduler} cannot run{at} with this engine's scheduler config; choose another "
+                             f"scheduler{'' if strength is None else ' or a higher strength'}")
+        raise ValueError(f"steps {steps} is more than {scheduler} takes on this engine{at}: 1 to {limit}")
 
     @property
     def _max_evaluations(self) -> int:
@@ -140,11 +141,11 @@ class Pipeline:
         return min(self.manifest.components[n].axis_ranges[EVALUATIONS]["max"] for n in STEP_GRAPHS
                    if n in self.manifest.components)
 
-    def _max_steps(self, scheduler: str) -> int | None:
+    def _max_steps(self, scheduler: str, strength: float | None = None) -> int | None:
         """The most steps `scheduler` can take here (bisection: a plan that works for n works for fewer)."""
         def fits(n: int) -> bool:
             try:
-                return self._plan(scheduler, n).num_evaluations <= self._max_evaluations
+                return self._plan(scheduler, n, strength).num_evaluations <= self._max_evaluations
             except ValueError:
                 return False
 
@@ -204,8 +205,9 @@ class Pipeline:
         self._check(steps, guidance_scale, scheduler, height, width, r.batch_size, n)
         self._check_conditioning(negatives, r.guidance_rescale)
         size_ids = self._size_ids(height, width, r.original_size, r.crops_coords_top_left, r.target_size)
-        skip = check_strength(r.strength, steps) if pixels is not None else 0
-        plan = self._sampler_plan(scheduler, steps, skip)
+        if pixels is not None:
+            check_strength(r.strength, steps, scheduler)
+        plan = self._sampler_plan(scheduler, steps, float(r.strength) if pixels is not None else None)
         if pixels is not None:
             pixels = fit_image(pixels, height, width, r.resize_mode)[None]
         seed = check_seed(r.seed)

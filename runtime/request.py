@@ -102,18 +102,17 @@ def check_resize_mode(resize_mode: Any) -> None:
         raise ValueError(f"unknown resize_mode {resize_mode!r}; valid: {', '.join(RESIZE_MODES)}")
 
 
-def check_strength(strength: Any, steps: int) -> int:
-    """The steps img2img skips (diffusers' get_timesteps rule); strength must leave at least one to run."""
+def check_strength(strength: Any, steps: int, scheduler: str) -> None:
+    """strength in (0, 1], leaving at least one step to run (diffusers' get_timesteps rule; lcm instead
+    shortens its schedule, which its plan checks)."""
     number = isinstance(strength, (int, float, np.floating)) and not isinstance(strength, bool)
     if not number or not 0 < strength <= 1:
         raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
-    start = img2img_start(steps, float(strength))
-    if start >= steps:
+    if scheduler != "lcm" and img2img_start(steps, float(strength)) >= steps:
         raise ValueError(
             f"strength {strength} with {steps} steps reruns no step (int({steps} x {strength}) = 0); "
             "raise strength or steps"
         )
-    return start
 
 
 @dataclass(frozen=True, eq=False)

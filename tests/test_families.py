@@ -354,30 +354,35 @@ def test_family_override_stays_within_the_architecture(family):
 
 IMG2IMG_CASES = (
     [("sd2", sampler, strength) for sampler in SAMPLERS if sampler != "lcm" for strength in (0.3, 0.75)]
-    + [("sdxl", "euler", 0.5), ("sdxl", "dpmpp_2m", 0.75), ("sd-turbo", "euler_a", 0.5), ("sdxl-turbo", "euler_a", 0.5)]
+    + [("sdxl", "euler", 0.5), ("sdxl", "dpmpp_2m", 0.75), ("sd-turbo", "euler_a", 0.5), ("sdxl-turbo", "euler_a", 0.5),
+       ("lcm", "lcm", 0.5), ("lcm", "lcm", 0.3)]
 )
 
 
 @pytest.mark.parametrize(("name", "sampler", "strength"), IMG2IMG_CASES)
 def test_img2img_matches_diffusers(family, pipelines, monkeypatch, name, sampler, strength):
-    """Every sampler on the zero-SNR v-prediction sd2 at strength 0.3 and 0.75; SDXL and the turbos (their
-    own img2img pipelines) at one strength each."""
-    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
+    """Every sampler on the zero-SNR v-prediction sd2 at strength 0.3 and 0.75; SDXL, the turbos and LCM
+    (their own img2img pipelines; LCM shortens its schedule by strength) at one or two strengths."""
+    from diffusers import (
+        LatentConsistencyModelImg2ImgPipeline,
+        StableDiffusionImg2ImgPipeline,
+        StableDiffusionXLImg2ImgPipeline,
+    )
 
     from tests.test_img2img import img2img_images, our_draws, picture
     from tests.test_pipeline import DIFFUSERS
 
     ckpt, engine = family(name)
     pipe = pipelines(engine)
-    steps = 2 if name.endswith("turbo") else 6  # turbo: strength x steps must reach one step, as in diffusers
-    guidance = 0.0 if name.endswith("turbo") else 5.0
+    steps = 2 if name.endswith("turbo") else 4 if name == "lcm" else 6  # turbo: strength x steps must reach a step
+    guidance = 0.0 if name.endswith("turbo") else 8.5 if name == "lcm" else 5.0
     image = picture(256, 256)
     ours = pipe.generate(PROMPT, image=image, strength=strength, steps=steps, scheduler=sampler, seed=5,
                          guidance_scale=guidance)
     base = DiffusionPipeline.from_pretrained(ckpt)
     cls = StableDiffusionXLImg2ImgPipeline if name.startswith("sdxl") else StableDiffusionImg2ImgPipeline
-    ref = cls(**base.components)
-    scheduler_cls, forced = DIFFUSERS[sampler]
+    ref = (LatentConsistencyModelImg2ImgPipeline if sampler == "lcm" else cls)(**base.components)
+    scheduler_cls, forced = DIFFUSERS.get(sampler, (LCMScheduler, {}))
     ref.scheduler = scheduler_cls.from_config(dict(base.scheduler.config), **forced)
     draws = our_draws(pipe, sampler, steps, strength, 5, 1, 256, 256)
     theirs = img2img_images(ref, image, strength, draws, monkeypatch, prompt=PROMPT, num_inference_steps=steps,

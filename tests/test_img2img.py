@@ -12,7 +12,7 @@ from PIL import Image
 
 from diffusion_engine.runtime.pipeline import Pipeline
 from diffusion_engine.runtime.request import RESIZE_MODES, fit_image
-from diffusion_engine.runtime.samplers import SAMPLERS, img2img_start, make_plan
+from diffusion_engine.runtime.samplers import SAMPLERS, img2img_plan
 from tests.test_pipeline import DIFFUSERS, PROMPT, psnr
 
 STEPS = 6
@@ -46,12 +46,14 @@ def img2img_images(ref, image: np.ndarray, strength: float, draws, monkeypatch, 
     """A diffusers img2img pipeline's uint8 images; every randn_tensor call (posterior sample, initial
     noise, ancestral noise) takes the next of `draws`, the arrays our generator drew in the same order."""
     import diffusers.models.autoencoders.vae as vae
+    import diffusers.pipelines.latent_consistency_models.pipeline_latent_consistency_img2img as lcm
     import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as sd
     import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img as sdxl
     import diffusers.schedulers.scheduling_euler_ancestral_discrete as ea
+    import diffusers.schedulers.scheduling_lcm as lcm_scheduler
 
     draws = iter(draws)
-    for module in (vae, sd, sdxl, ea):
+    for module in (vae, sd, sdxl, lcm, ea, lcm_scheduler):
         monkeypatch.setattr(module, "randn_tensor", lambda shape, *a, **k: torch.from_numpy(next(draws)).reshape(shape))
     ref.set_progress_bar_config(disable=True)
     out = ref(image=Image.fromarray(image), strength=strength, output_type="np", **kw).images
@@ -75,7 +77,7 @@ def our_draws(pipe: Pipeline, scheduler: str, steps: int, strength: float, seed:
     latent = (4, height // f, width // f)
     rng = np.random.default_rng(seed)
     draws = [rng.standard_normal((1,) + latent, dtype=np.float32), rng.standard_normal((n,) + latent, dtype=np.float32)]
-    plan = make_plan(scheduler, pipe.manifest.scheduler_config, steps, img2img_start(steps, strength))
+    plan = img2img_plan(scheduler, pipe.manifest.scheduler_config, steps, strength)
     if plan.uses_noise.any():
         draws += list(rng.standard_normal((plan.num_evaluations, n) + latent, dtype=np.float32))
     return draws
@@ -137,7 +139,7 @@ def test_resize_modes(mode):
         (dict(image=[np.zeros((256, 320, 3), np.uint8)] * 2), "image must be one image"),
         (dict(image=None, resize_mode="just-resize"), "resize_mode applies to an init image"),
         (dict(image="/nonexistent/picture.png"), "cannot be read as an image"),
-        (dict(scheduler="lcm"), "image requests with the lcm sampler are not supported yet"),
+        (dict(scheduler="lcm", strength=0.05), "steps 4 is more than lcm takes on this engine at strength 0.05: 1 to 2"),
     ],
 )
 def test_bad_image_requests_fail_before_any_model_runs(pipe, kwargs, message, monkeypatch):

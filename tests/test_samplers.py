@@ -404,3 +404,20 @@ def test_part_way_start_matches_diffusers_img2img(name, config, strength, monkey
           f"{img2img_start(steps, strength)}, worst relative error {worst:.1e}")
     assert plan.num_evaluations == len(ref_timesteps) and relative_error(plan.timesteps, ref_timesteps) <= TOLERANCE
     assert worst <= TOLERANCE
+
+
+@pytest.mark.parametrize("strength", [0.3, 0.5, 1.0])
+@pytest.mark.parametrize("steps", [2, 4, 8])
+def test_lcm_img2img_schedule_matches_diffusers(steps, strength):
+    """LCM's img2img shortens its distillation schedule by strength (LCMScheduler.set_timesteps(strength=))."""
+    from diffusion_engine.runtime.samplers import img2img_plan
+
+    scheduler = diffusers.LCMScheduler.from_config(SD15)
+    if int(scheduler.config.original_inference_steps * strength) < steps:
+        with pytest.raises(ValueError, match="the LCM schedule's length"):
+            img2img_plan("lcm", SD15, steps, strength)
+        return
+    scheduler.set_timesteps(steps, strength=strength)
+    plan = img2img_plan("lcm", SD15, steps, strength)
+    print(steps, strength, plan.timesteps.tolist())
+    assert plan.timesteps.tolist() == [float(t) for t in scheduler.timesteps]

@@ -22,7 +22,8 @@ from .plan import STATE_SIZE, Built, SamplerPlan, assemble, run_plan
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SAMPLERS", "STATE_SIZE", "SamplerPlan", "default_sampler", "img2img_start", "make_plan", "run_plan"]
+__all__ = ["SAMPLERS", "STATE_SIZE", "SamplerPlan", "default_sampler", "img2img_plan", "img2img_start", "make_plan",
+           "run_plan"]
 
 _Builder = Callable[[Mapping[str, Any], int, int], Built]
 
@@ -56,12 +57,14 @@ def default_sampler(scheduler_config: Mapping[str, Any]) -> str:
     return "dpmpp_2m_karras" if name == "dpmpp_2m" and scheduler_config.get("use_karras_sigmas") else name
 
 
-def make_plan(name: str, scheduler_config: Mapping[str, Any], steps: int, start: int = 0) -> SamplerPlan:
+def make_plan(name: str, scheduler_config: Mapping[str, Any], steps: int, start: int = 0,
+              lcm_strength: float = 1.0) -> SamplerPlan:
     """Build the coefficient table of sampler `name` for a diffusers scheduler config and step count.
 
     `start` > 0 skips the first steps of the schedule, as diffusers' img2img does (`img2img_start`):
     the plan runs the schedule's tail with the sampler's own warm-up from there, and its
     `add_noise` gives the scheduler's noising of the image latents at its first timestep.
+    LCM's img2img shortens its schedule instead (`lcm_strength`); `img2img_plan` picks the rule.
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown sampler {name!r}; valid names: {', '.join(SAMPLERS)}")
@@ -73,11 +76,22 @@ def make_plan(name: str, scheduler_config: Mapping[str, Any], steps: int, start:
         raise ValueError(f"steps={steps} exceeds num_train_timesteps={settings['num_train_timesteps']}")
     if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or not 0 <= start < steps:
         raise ValueError(f"start must be an int in [0, steps={steps}), got {start!r}")
+    if lcm_strength != 1.0 and name != "lcm":
+        raise ValueError(f"lcm_strength is the lcm sampler's img2img rule; {name} takes start (see img2img_plan)")
+    extra = (float(lcm_strength),) if name == "lcm" else ()
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        evaluations, init_noise_sigma, add_noise = builder(settings, int(steps), int(start))
+        evaluations, init_noise_sigma, add_noise = builder(settings, int(steps), int(start), *extra)
     plan = assemble(name, evaluations, init_noise_sigma, settings["prediction_type"], add_noise)
     logger.debug("plan %s: %d steps from %d, %d evaluations", name, steps, start, plan.num_evaluations)
     return plan
+
+
+def img2img_plan(name: str, scheduler_config: Mapping[str, Any], steps: int, strength: float) -> SamplerPlan:
+    """The plan of an img2img request, by the sampler's own rule: the schedule's tail from img2img_start,
+    or for lcm every step on a schedule shortened by strength (LCMScheduler.set_timesteps(strength))."""
+    if name == "lcm":
+        return make_plan(name, scheduler_config, steps, lcm_strength=float(strength))
+    return make_plan(name, scheduler_config, steps, img2img_start(steps, strength))
 
 
 def img2img_start(steps: int, strength: float) -> int:

@@ -15,18 +15,25 @@ from .schedule import alphas_cumprod
 _SIGMA_DATA = 0.5  # the consistency parametrisation's data scale (Song et al. 2023), fixed in diffusers
 
 
-def lcm_timesteps(settings: Mapping[str, Any], steps: int) -> np.ndarray:
-    """Descending timesteps: `steps` evenly spaced indices into the distillation schedule (k * i - 1)."""
+def lcm_timesteps(settings: Mapping[str, Any], steps: int, strength: float = 1.0) -> np.ndarray:
+    """Descending timesteps: `steps` evenly spaced indices into the distillation schedule (k * i - 1).
+
+    img2img `strength` keeps the schedule's first int(original_inference_steps * strength) points, as
+    LCMScheduler.set_timesteps(strength=...) does: every step still runs, from a lower timestep.
+    """
     original, count = settings["original_inference_steps"], settings["num_train_timesteps"]
     if isinstance(original, bool) or not isinstance(original, int) or not 1 <= original <= count:
         raise ValueError(f"original_inference_steps={original!r} must be an int in [1, {count}]")
-    if steps > original:
+    length = int(original * strength)
+    if steps > length:
         raise ValueError(
             f"steps={steps} exceeds original_inference_steps={original}, the LCM schedule's length; "
-            f"use at most {original}"
+            f"use at most {original}" if strength == 1.0 else
+            f"steps={steps} exceeds int(original_inference_steps x strength) = int({original} x {strength}) = "
+            f"{length}, the LCM schedule's length at this strength; use at most {length} steps or a higher strength"
         )
-    origin = (np.arange(1, original + 1) * (count // original) - 1)[::-1]
-    picks = np.floor(np.linspace(0, original, num=steps, endpoint=False)).astype(np.int64)
+    origin = (np.arange(1, length + 1) * (count // original) - 1)[::-1]
+    picks = np.floor(np.linspace(0, length, num=steps, endpoint=False)).astype(np.int64)
     return origin[picks].astype(np.float64)
 
 
@@ -38,13 +45,16 @@ def boundary_scalings(timestep: float, timestep_scaling: float) -> tuple[float, 
     return c_skip, c_out
 
 
-def lcm(settings: Mapping[str, Any], steps: int, start: int = 0) -> Built:
-    """Multistep latent consistency sampling (Luo et al. 2023): jump to x0, re-noise to the next timestep, repeat."""
+def lcm(settings: Mapping[str, Any], steps: int, start: int = 0, strength: float = 1.0) -> Built:
+    """Multistep latent consistency sampling (Luo et al. 2023): jump to x0, re-noise to the next timestep, repeat.
+
+    img2img shortens the schedule by `strength` instead of skipping steps (LCMScheduler's own rule).
+    """
     if start:
-        raise ValueError("the lcm sampler cannot start part-way yet (img2img on LCM engines is not supported)")
+        raise ValueError("the lcm sampler does not skip steps; its img2img rule is strength (make_plan's strength)")
     alpha_bar = alphas_cumprod(settings, floor_zero_snr=False)
     final = 1.0 if settings["set_alpha_to_one"] else float(alpha_bar[0])
-    timesteps = lcm_timesteps(settings, steps)
+    timesteps = lcm_timesteps(settings, steps, strength)
     x = slot(0)
     evaluations = []
     for i, t in enumerate(timesteps):
