@@ -101,15 +101,15 @@ def atomic_directory(
     target = Path(target).expanduser().resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(target)
-    tmp = Path(tempfile.mkdtemp(prefix=_sibling_prefix(target, PARTIAL), dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_ours(target, PARTIAL), dir=target.parent))
     try:
         os.chmod(tmp, 0o777 & ~current_umask())
         yield tmp
         if target.exists():
-            aside = Path(tempfile.mkdtemp(prefix=_sibling_prefix(target, OLD), dir=target.parent))
-            os.replace(target, aside / target.name)
+            aside_temp = Path(tempfile.mkdtemp(prefix=_ours(target, OLD), dir=target.parent))
+            os.replace(target, aside_temp / target.name)
             os.replace(tmp, target)
-            shutil.rmtree(aside, ignore_errors=True)  # only what we just moved aside: the replaced folder
+            shutil.rmtree(aside_temp, ignore_errors=True)  # only what we just moved aside: the replaced folder
         else:
             os.replace(tmp, target)
     except BaseException:
@@ -117,10 +117,14 @@ def atomic_directory(
         raise
 
 
-def _sibling_prefix(target: Path, kind: str, pid: int | None = None) -> str:
-    """`.NAME.KIND-HOST-PID-`: names a hidden sibling by the process that made it, so a later run knows it is stale."""
-    host = socket.gethostname().replace("-", "_") or "host"
-    return f".{target.name}.{kind}-{host}-{os.getpid() if pid is None else pid}-"
+def _kind_prefix(target: Path, kind: str) -> str:
+    """`.NAME.KIND-HOST-`: the start of the hidden siblings of one kind that writers on this host make."""
+    return f".{target.name}.{kind}-{socket.gethostname().replace('-', '_') or 'host'}-"
+
+
+def _ours(target: Path, kind: str) -> str:
+    """`.NAME.KIND-HOST-PID-`: a hidden sibling named by the process that makes it, so a later run knows it is stale."""
+    return f"{_kind_prefix(target, kind)}{os.getpid()}-"
 
 
 def remove_stale(target: str | os.PathLike) -> list[Path]:
@@ -131,18 +135,18 @@ def remove_stale(target: str | os.PathLike) -> list[Path]:
     """
     target = Path(target)
     removed = []
-    host = socket.gethostname().replace("-", "_") or "host"
     for kind in (OLD, PARTIAL):  # old first: a restored folder makes later partials plain debris
-        for path in sorted(target.parent.glob(f".{target.name}.{kind}-{host}-*-*")):
-            pid = path.name[len(f".{target.name}.{kind}-{host}-"):].split("-", 1)[0]
-            if not pid.isdigit() or _alive(int(pid)) or not path.is_dir():
+        prefix = _kind_prefix(target, kind)
+        for stale_temp in sorted(target.parent.glob(f"{prefix}*-*")):
+            pid = stale_temp.name[len(prefix):].split("-", 1)[0]
+            if not pid.isdigit() or _alive(int(pid)) or not stale_temp.is_dir():
                 continue
-            if kind == OLD and not target.exists() and (path / target.name).is_dir():
-                os.replace(path / target.name, target)
+            if kind == OLD and not target.exists() and (stale_temp / target.name).is_dir():
+                os.replace(stale_temp / target.name, target)
                 logger.warning("restored %s, which an interrupted --overwrite had moved aside", target)
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-            logger.info("removed %s, left by an interrupted run (process %s)", path, pid)
+            shutil.rmtree(stale_temp, ignore_errors=True)  # a temporary folder of ours whose writer died
+            removed.append(stale_temp)
+            logger.info("removed %s, left by an interrupted run (process %s)", stale_temp, pid)
     return removed
 
 

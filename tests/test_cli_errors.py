@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from diffusion_engine.engine.manifest import MANIFEST
+from tests.test_reliability import user_folder
 
 PROMPT = ["--prompt", "a red circle"]
 
@@ -51,10 +52,7 @@ def tree(root: Path) -> dict[str, bytes | None]:
 
 def workspace(root: Path) -> dict[str, Path]:
     """A user's folder of files, a regular file, an empty folder and a read-only folder."""
-    mine = root / "mine"
-    (mine / "sub").mkdir(parents=True)
-    (mine / "thesis.txt").write_text("four years of work")
-    (mine / "sub" / "data.csv").write_text("1,2,3\n")
+    mine = user_folder(root)
     (root / "afile").write_text("not a folder")
     (root / "picture.png").mkdir()  # a folder with a file's name
     readonly = root / "readonly"
