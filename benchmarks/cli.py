@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import sys
@@ -12,6 +13,8 @@ from typing import Any
 
 from diffusion_engine.benchmarks.runner import BASELINES, Settings
 from diffusion_engine.engine.atomic import write_atomic
+
+logger = logging.getLogger(__name__)
 
 USAGE_REPORT = "engine-bench report OUT.json [--markdown FILE] [--plot FILE]"
 
@@ -84,7 +87,8 @@ def report_parser() -> argparse.ArgumentParser:
 
 
 def write_outputs(doc: dict[str, Any], json_path: str | None, md_path: str | None, png_path: str | None) -> list[Path]:
-    """Write whichever of JSON / markdown / plot were asked for (markdown and plot default beside the JSON)."""
+    """Write whichever of JSON / markdown / plot were asked for (markdown and plot default beside the JSON;
+    the default plot only where matplotlib, the [bench] extra, is installed)."""
     from diffusion_engine.benchmarks import report
 
     written = []
@@ -94,7 +98,7 @@ def write_outputs(doc: dict[str, Any], json_path: str | None, md_path: str | Non
         write_atomic(path, json.dumps(doc, indent=2) + "\n")
         written.append(path)
         md_path = md_path or str(path.with_suffix(".md"))
-        png_path = png_path or str(path.with_suffix(".png"))
+        png_path = png_path or default_plot(path)
     if md_path:
         write_atomic(md_path, report.markdown(doc))
         written.append(Path(md_path))
@@ -103,19 +107,34 @@ def write_outputs(doc: dict[str, Any], json_path: str | None, md_path: str | Non
     return written
 
 
+def default_plot(result: Path) -> str | None:
+    """RESULT.png beside a result, where matplotlib (the [bench] extra) can draw it; else no plot, said once."""
+    if importlib.util.find_spec("matplotlib") is None:
+        logger.info("no plot: matplotlib is not installed (pip install 'diffusion-engine[bench]')")
+        return None
+    return str(result.with_suffix(".png"))
+
+
+def check_plot(path: str | None) -> None:
+    """A plot asked for by name needs matplotlib: say so before any work."""
+    if path and importlib.util.find_spec("matplotlib") is None:
+        raise ValueError(f"--plot {path} needs matplotlib: pip install 'diffusion-engine[bench]'")
+
+
 def report_main(argv: list[str]) -> int:
     from diffusion_engine.benchmarks.schema import SchemaError, validate
 
     args = report_parser().parse_args(argv)
     try:
+        check_plot(args.plot)
         doc = json.loads(Path(args.result).read_text())
         validate(doc)
-    except (OSError, json.JSONDecodeError, SchemaError) as exc:
+    except (OSError, json.JSONDecodeError, SchemaError, ValueError) as exc:
         print(f"engine-bench report: error: {exc}", file=sys.stderr)
         return 2
     result = Path(args.result)
     for path in write_outputs(doc, None, args.markdown or str(result.with_suffix(".md")),
-                              args.plot or str(result.with_suffix(".png"))):
+                              args.plot or default_plot(result)):
         print(path)
     return 0
 
@@ -132,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffusion_engine.engine.manifest import ManifestError
 
     try:
+        check_plot(args.plot)
         settings = Settings(
             engine=Path(args.engine), backend=args.backend, sizes=args.sizes, batches=args.batch, steps=args.steps,
             scheduler=args.scheduler, guidance_scale=args.guidance, warmup=args.warmup, runs=args.runs,

@@ -149,3 +149,23 @@ def test_overhead_and_stage_sums_are_consistent(bench_run):
         st = system["stages"]
         assert st["text_encoder"]["min"] + 2 * st["unet"]["min"] + st["vae_decoder"]["min"] <= st["end_to_end"]["p90"]
         assert np.isfinite(system["images_per_second"])
+
+
+def test_report_without_matplotlib_skips_the_default_plot_and_refuses_an_asked_one(bench_run, tmp_path, monkeypatch,
+                                                                                     capsys):
+    """Without the [bench] extra: markdown still, no default plot; --plot is a one-line error before any work."""
+    import importlib.util
+
+    out, _ = bench_run
+    result = tmp_path / "r.json"
+    result.write_bytes(out.read_bytes())
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None if name == "matplotlib" else real(name, *a, **k))
+    assert main(["report", str(result)]) == 0
+    assert result.with_suffix(".md").is_file() and not result.with_suffix(".png").exists()
+    capsys.readouterr()
+    assert main(["report", str(result), "--plot", str(tmp_path / "p.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    print(err)
+    assert err == f"engine-bench report: error: --plot {tmp_path / 'p.png'} needs matplotlib: pip install 'diffusion-engine[bench]'"
+    assert not (tmp_path / "p.png").exists()
