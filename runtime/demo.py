@@ -38,6 +38,7 @@ DESCRIPTION = (
 
 Say = Callable[[str], None]
 UNCHECKED = "was exported before engines carried checksums"  # a flaw of a cache made by an older version
+MISSING = "is not there"
 
 
 class DemoError(RuntimeError):
@@ -91,8 +92,8 @@ def ensure_engine(say: Say = lambda message: None) -> DemoModel:
     """The demo engine, exported first if the cache has none or a damaged one; `say` hears about a coming export."""
     checkpoint = checkpoint_dir()
     out = engine_dir_for(checkpoint)
-    flaw = _flaw(out) if (out / MANIFEST).is_file() else None
-    if (out / MANIFEST).is_file() and flaw is None:
+    flaw = _flaw(out)
+    if flaw is None:
         return DemoModel(checkpoint, out, exported=False)
     missing = missing_modules("export")
     if missing and flaw == UNCHECKED:  # it works; it is exported again (with checksums) once [export] is here
@@ -104,8 +105,8 @@ def ensure_engine(say: Say = lambda message: None) -> DemoModel:
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     with _locked(out.parent / f".{out.name}.lock"):
-        flaw = _flaw(out) if (out / MANIFEST).is_file() else None
-        if (out / MANIFEST).is_file() and flaw is None:  # another process exported it while we waited
+        flaw = _flaw(out)
+        if flaw is None:  # another process exported it while we waited
             return DemoModel(checkpoint, out, exported=False)
         if os.path.lexists(out) and not is_engine_directory(out):
             raise DemoError(f"the demo engine cache {out} is damaged (its manifest is unreadable); delete that folder")
@@ -117,7 +118,9 @@ def ensure_engine(say: Say = lambda message: None) -> DemoModel:
 
 def _flaw(engine_dir: Path) -> str | None:
     """None if the cached engine reads and every file has the size and digest its export recorded (a few MB);
-    else what is wrong with it, for the message."""
+    else what is wrong with it, for the message (MISSING where nothing was exported yet)."""
+    if not (engine_dir / MANIFEST).is_file():
+        return MISSING
     try:
         manifest = read_manifest(engine_dir)
         problems = check_files(engine_dir, manifest)
@@ -126,9 +129,7 @@ def _flaw(engine_dir: Path) -> str | None:
     else:
         if not manifest.checksums:
             return UNCHECKED
-    for problem in problems:
-        logger.warning("demo engine %s: %s", engine_dir, problem)
-    return "is damaged" if problems else None
+    return f"is damaged ({problems[0]})" if problems else None
 
 
 def _export(checkpoint: Path, out: Path) -> None:

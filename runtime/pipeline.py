@@ -205,11 +205,11 @@ class Pipeline:
         self._check(steps, guidance_scale, scheduler, height, width, r.batch_size, n)
         self._check_conditioning(negatives, r.guidance_rescale)
         size_ids = self._size_ids(height, width, r.original_size, r.crops_coords_top_left, r.target_size)
+        strength = None
         if pixels is not None:
             check_strength(r.strength, steps, scheduler)
-        plan = self._sampler_plan(scheduler, steps, float(r.strength) if pixels is not None else None)
-        if pixels is not None:
-            pixels = fit_image(pixels, height, width, r.resize_mode)[None]
+            strength, pixels = float(r.strength), fit_image(pixels, height, width, r.resize_mode)[None]
+        plan = self._sampler_plan(scheduler, steps, strength)
         seed = check_seed(r.seed)
         if seed is None and r.latents is None:
             seed = int(np.random.SeedSequence().generate_state(1)[0])
