@@ -41,17 +41,12 @@ def check_output_dir(target: str | os.PathLike, overwrite: bool, source: str | o
         if out == src or src in out.parents or out in src.parents:
             raise ValueError(f"--out {target} is the source {source}, inside it or contains it; choose another folder")
     if not os.path.lexists(out):
-        parent = _nearest_existing(out.parent)
-        if not parent.is_dir():
-            raise ValueError(f"--out {target}: {parent} is a file, not a folder")
-        if not _writable(parent):
-            raise PermissionError(f"--out {target}: cannot write in {parent}; choose a writable folder")
+        _check_can_create(f"--out {target}", out)
         return
     if not overwrite:
         raise FileExistsError(f"{target} already exists; choose another --out or pass --overwrite")
     if out.is_dir() and not out.is_symlink() and (not any(out.iterdir()) or replaceable(out)):
-        if not _writable(out.parent):
-            raise PermissionError(f"--out {target}: cannot write in {out.parent}; choose a writable folder")
+        _check_can_create(f"--out {target}", out)  # the replacement is made beside it
         return
     raise FileExistsError(
         f"{target} exists and is not {what} written by this tool (nor an empty folder); "
@@ -64,17 +59,18 @@ def check_output_file(path: str | os.PathLike) -> None:
     path = Path(path).expanduser()
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give a file name")
-    parent = _nearest_existing(path.parent.resolve())
+    _check_can_create(str(path), path.resolve())
+
+
+def _check_can_create(label: str, path: Path) -> None:
+    """Raise unless an entry can be made beside path: its nearest existing ancestor is a writable folder."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
     if not parent.is_dir():
-        raise NotADirectoryError(f"{path}: {parent} is a file, not a folder")
+        raise NotADirectoryError(f"{label}: {parent} is a file, not a folder")
     if not _writable(parent):
-        raise PermissionError(f"{path}: cannot write in {parent}; choose a writable folder")
-
-
-def _nearest_existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
+        raise PermissionError(f"{label}: cannot write in {parent}; choose a writable folder")
 
 
 def _writable(folder: Path) -> bool:
