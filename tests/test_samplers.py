@@ -365,19 +365,24 @@ def test_samplers_module_imports_neither_torch_nor_diffusers():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def _reference_img2img(name, config, steps, strength, image, noise, noises, monkeypatch):
-    """diffusers' img2img denoising (get_timesteps, set_begin_index, add_noise at the first timestep), float64."""
+def _part_way(name, config, steps, strength, noises, monkeypatch):
+    """A diffusers scheduler set to start part-way as the img2img and inpaint pipelines do (get_timesteps,
+    set_begin_index); its ancestral noise drawn from `noises`. Returns (scheduler, timesteps)."""
     draws = iter(noises)
     monkeypatch.setattr(scheduling_euler_ancestral_discrete, "randn_tensor",
                         lambda *a, dtype=None, **k: torch.from_numpy(next(draws)).to(dtype))
     cls, forced = REFERENCE[name]
     scheduler = cls.from_config(dict(config), **forced)
     scheduler.set_timesteps(steps)
-    init_timestep = min(int(steps * strength), steps)  # StableDiffusionImg2ImgPipeline.get_timesteps
-    t_start = max(steps - init_timestep, 0)
-    timesteps = scheduler.timesteps[t_start * scheduler.order:]
+    t_start = max(steps - min(int(steps * strength), steps), 0)
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(t_start * scheduler.order)
+    return scheduler, scheduler.timesteps[t_start * scheduler.order:]
+
+
+def _reference_img2img(name, config, steps, strength, image, noise, noises, monkeypatch):
+    """diffusers' img2img denoising (add_noise at the first timestep), float64."""
+    scheduler, timesteps = _part_way(name, config, steps, strength, noises, monkeypatch)
     sample = scheduler.add_noise(torch.from_numpy(image), torch.from_numpy(noise), timesteps[:1])
     states = []
     for t in timesteps:
@@ -386,6 +391,40 @@ def _reference_img2img(name, config, steps, strength, image, noise, noises, monk
         sample = scheduler.step(output, t, sample).prev_sample
         states.append(sample.numpy().astype(np.float64))
     return np.array([float(t) for t in timesteps]), states
+
+
+def _reference_inpaint(name, config, steps, strength, image, noise, noises, mask, monkeypatch):
+    """diffusers' 4-channel inpainting loop (StableDiffusionInpaintPipeline): pure noise at strength 1, and
+    after every step the kept region replaced by the image noised to the next timestep, float64."""
+    scheduler, timesteps = _part_way(name, config, steps, strength, noises, monkeypatch)
+    image, noise, mask = (torch.from_numpy(a) for a in (image, noise, mask))
+    sample = noise * scheduler.init_noise_sigma if strength == 1.0 else scheduler.add_noise(image, noise, timesteps[:1])
+    states = []
+    for i, t in enumerate(timesteps):
+        output = torch.from_numpy(toy_model(scheduler.scale_model_input(sample, t).numpy(), float(t)))
+        sample = scheduler.step(output, t, sample).prev_sample
+        kept = scheduler.add_noise(image, noise, timesteps[i + 1:i + 2]) if i < len(timesteps) - 1 else image
+        sample = (1 - mask) * kept + mask * sample
+        states.append(sample.numpy().astype(np.float64))
+    return states
+
+
+@pytest.mark.parametrize("strength", [0.6, 1.0])
+@pytest.mark.parametrize("config", [SD15, {**SD15, **ZERO_SNR}], ids=["sd15", "zero-snr-v"])
+@pytest.mark.parametrize("name", [n for n in SAMPLERS if n != "lcm"])
+def test_masked_blend_matches_diffusers_inpainting(name, config, strength, monkeypatch):
+    """Inpainting's masked blend (plan.blend_table) after every evaluation, against diffusers' loop."""
+    steps, rng = 8, np.random.default_rng(2)
+    image, noise = rng.standard_normal(SHAPE), rng.standard_normal(SHAPE)
+    mask = (rng.random((SHAPE[0], 1) + SHAPE[2:]) < 0.5).astype(np.float64)
+    plan = make_plan(name, config, steps, start=img2img_start(steps, strength))
+    noises = [rng.standard_normal(SHAPE) for _ in range(plan.num_evaluations)]
+    ref_states = _reference_inpaint(name, config, steps, strength, image, noise, noises, mask, monkeypatch)
+    states = run_plan(plan, toy_model, noise, noises, return_all=True, image=image, mask=mask,
+                      pure_noise_start=strength == 1.0)
+    worst = max(relative_error(s, r) for s, r in zip(states, ref_states))
+    print(f"{name} inpaint strength {strength}: {plan.num_evaluations} evaluations, worst relative error {worst:.1e}")
+    assert len(states) == len(ref_states) and worst <= TOLERANCE
 
 
 @pytest.mark.parametrize("strength", [0.3, 0.75, 1.0])

@@ -62,8 +62,8 @@ def make_plan(name: str, scheduler_config: Mapping[str, Any], steps: int, start:
     """Build the coefficient table of sampler `name` for a diffusers scheduler config and step count.
 
     `start` > 0 skips the first steps of the schedule, as diffusers' img2img does (`img2img_start`):
-    the plan runs the schedule's tail with the sampler's own warm-up from there, and its
-    `add_noise` gives the scheduler's noising of the image latents at its first timestep.
+    the plan runs the schedule's tail with the sampler's own warm-up from there; its `noising`
+    gives the scheduler's add_noise at each evaluation (img2img's start, inpainting's blend).
     LCM's img2img shortens its schedule instead (`lcm_strength`); `img2img_plan` picks the rule.
     """
     if name not in _REGISTRY:
@@ -80,8 +80,8 @@ def make_plan(name: str, scheduler_config: Mapping[str, Any], steps: int, start:
         raise ValueError(f"lcm_strength is the lcm sampler's img2img rule; {name} takes start (see img2img_plan)")
     extra = (float(lcm_strength),) if name == "lcm" else ()
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        evaluations, init_noise_sigma, add_noise = builder(settings, int(steps), int(start), *extra)
-    plan = assemble(name, evaluations, init_noise_sigma, settings["prediction_type"], add_noise)
+        evaluations, init_noise_sigma = builder(settings, int(steps), int(start), *extra)
+    plan = assemble(name, evaluations, init_noise_sigma, settings["prediction_type"])
     logger.debug("plan %s: %d steps from %d, %d evaluations", name, steps, start, plan.num_evaluations)
     return plan
 

@@ -49,8 +49,9 @@ def ddim(settings: Mapping[str, Any], steps: int, start: int = 0) -> Built:
     for t in timesteps:
         a_t, a_prev = _alpha_bar_at(alpha_bar, t, final), _alpha_bar_at(alpha_bar, t - stride, final)
         eps, x0 = eps_and_x0(slot(0), model_output(), math.sqrt(a_t), math.sqrt(1 - a_t), prediction_type)
-        evaluations.append(Evaluation(float(t), 1.0, (math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps,)))
-    return evaluations, 1.0, alpha_noising(alpha_bar, timesteps[0], final)
+        update = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+        evaluations.append(Evaluation(float(t), 1.0, (update,), noising=alpha_noising(alpha_bar, t, final)))
+    return evaluations, 1.0
 
 
 def _pndm_transfer(
@@ -90,5 +91,5 @@ def pndm(settings: Mapping[str, Any], steps: int, start: int = 0) -> Built:
             sample, t_from, t_to, keep = x, t, t - stride, (out, slot(1), slot(2))
         a_from, a_to = _alpha_bar_at(alpha_bar, t_from, final), _alpha_bar_at(alpha_bar, t_to, final)
         prev = _pndm_transfer(sample, combined, a_from, a_to, settings["prediction_type"])
-        evaluations.append(Evaluation(float(t), 1.0, (prev, *keep)))
-    return evaluations, 1.0, alpha_noising(alpha_bar, order[0], final)
+        evaluations.append(Evaluation(float(t), 1.0, (prev, *keep), noising=alpha_noising(alpha_bar, t, final)))
+    return evaluations, 1.0

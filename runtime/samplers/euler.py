@@ -45,9 +45,14 @@ def _init_noise_sigma(settings: Mapping[str, Any], sigmas: np.ndarray) -> float:
 
 def _from(evaluations: list[Evaluation], start: int, settings: Mapping[str, Any], sigmas: np.ndarray,
           per_step: int = 1) -> Built:
-    """The evaluations from step `start` on (these samplers keep no state across a start: diffusers'
-    begin_index indexes the full schedule), and the variance-exploding add_noise there: x0 + sigma eps."""
-    return evaluations[per_step * start:], _init_noise_sigma(settings, sigmas), (1.0, float(sigmas[start]))
+    """The evaluations from step `start` on: these samplers keep no state across a start (diffusers'
+    begin_index indexes the full schedule)."""
+    return evaluations[per_step * start:], _init_noise_sigma(settings, sigmas)
+
+
+def _ve(sigma: float) -> tuple[float, float]:
+    """The variance-exploding add_noise at sigma: x0 + sigma eps."""
+    return 1.0, float(sigma)
 
 
 def _sigma_schedule(
@@ -81,7 +86,7 @@ def euler(settings: Mapping[str, Any], steps: int, start: int = 0) -> Built:
     for i, t in enumerate(timesteps):
         d = _derivative(x, sigmas[i], settings["prediction_type"])
         update = x + (sigmas[i + 1] - sigmas[i]) * d
-        evaluations.append(Evaluation(float(t), _input_scale(sigmas[i]), (update,)))
+        evaluations.append(Evaluation(float(t), _input_scale(sigmas[i]), (update,), noising=_ve(sigmas[i])))
     return _from(evaluations, start, settings, sigmas)
 
 
@@ -99,7 +104,7 @@ def euler_ancestral(settings: Mapping[str, Any], steps: int, start: int = 0) -> 
         d = _derivative(x, s_from, settings["prediction_type"])
         update = x + (sigma_down - s_from) * d + sigma_up * noise()
         # diffusers draws noise at every step (sigma_up is 0 at the last), so draws stay aligned.
-        evaluations.append(Evaluation(float(t), _input_scale(s_from), (update,), uses_noise=True))
+        evaluations.append(Evaluation(float(t), _input_scale(s_from), (update,), uses_noise=True, noising=_ve(s_from)))
     return _from(evaluations, start, settings, sigmas)
 
 
@@ -118,11 +123,11 @@ def heun(settings: Mapping[str, Any], steps: int, start: int = 0) -> Built:
     for i, t in enumerate(timesteps):
         s, s_next = sigmas[i], sigmas[i + 1]
         d = _derivative(x, s, prediction_type)
-        evaluations.append(Evaluation(float(t), _input_scale(s), (x + (s_next - s) * d, x, d)))
+        evaluations.append(Evaluation(float(t), _input_scale(s), (x + (s_next - s) * d, x, d), noising=_ve(s)))
         if i + 1 < len(timesteps):
             d_next = _derivative(x, s_next, prediction_type)
             update = origin + (s_next - s) * (slope + d_next) / 2
-            evaluations.append(Evaluation(float(timesteps[i + 1]), _input_scale(s_next), (update,)))
+            evaluations.append(Evaluation(float(timesteps[i + 1]), _input_scale(s_next), (update,), noising=_ve(s_next)))
     return _from(evaluations, start, settings, sigmas, per_step=2)  # predictor + corrector
 
 
@@ -154,5 +159,5 @@ def lms(settings: Mapping[str, Any], steps: int, start: int = 0) -> Built:
         slopes = (d, slot(1), slot(2), slot(3))
         weights = _lms_coefficients(sigmas, i, min(i + 1, _LMS_ORDER))
         update = x + sum(w * slope for w, slope in zip(weights, slopes))
-        evaluations.append(Evaluation(float(t), _input_scale(sigmas[i]), (update, d, slot(1), slot(2))))
+        evaluations.append(Evaluation(float(t), _input_scale(sigmas[i]), (update, d, slot(1), slot(2)), noising=_ve(sigmas[i])))
     return _from(evaluations, start, settings, sigmas)

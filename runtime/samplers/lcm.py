@@ -62,10 +62,11 @@ def lcm(settings: Mapping[str, Any], steps: int, start: int = 0, strength: float
         _, x0 = eps_and_x0(x, model_output(), math.sqrt(a_t), math.sqrt(1 - a_t), settings["prediction_type"])
         c_skip, c_out = boundary_scalings(t, settings["timestep_scaling"])
         denoised = c_out * x0 + c_skip * x
+        noising = alpha_noising(alpha_bar, t, final)
         if i + 1 == len(timesteps):  # the last step returns the consistency estimate itself, unnoised
-            evaluations.append(Evaluation(float(t), 1.0, (denoised,)))
+            evaluations.append(Evaluation(float(t), 1.0, (denoised,), noising=noising))
             continue
         a_next = _alpha_bar_at(alpha_bar, timesteps[i + 1], final)
         update = math.sqrt(a_next) * denoised + math.sqrt(1 - a_next) * noise()
-        evaluations.append(Evaluation(float(t), 1.0, (update,), uses_noise=True))
-    return evaluations, 1.0, alpha_noising(alpha_bar, timesteps[0], final)
+        evaluations.append(Evaluation(float(t), 1.0, (update,), uses_noise=True, noising=noising))
+    return evaluations, 1.0

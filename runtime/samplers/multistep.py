@@ -111,8 +111,8 @@ def dpmpp_2m(settings: Mapping[str, Any], steps: int, start: int = 0) -> Built:
                 update = update - 0.5 * alpha_t * (decay - 1.0) * d1
             else:
                 update = update + alpha_t * ((decay - 1.0) / h + 1.0) * d1
-        evaluations.append(Evaluation(float(t), 1.0, (update, x0)))
-    return evaluations, 1.0, _vp(sigmas[start])
+        evaluations.append(Evaluation(float(t), 1.0, (update, x0), noising=_vp(sigmas[i])))
+    return evaluations, 1.0
 
 
 def _unipc_b(hh: np.float64, solver_type: str, order: int) -> tuple[float, np.ndarray]:
@@ -194,5 +194,5 @@ def unipc(settings: Mapping[str, Any], steps: int, start: int = 0) -> Built:
         predicted, corrector, corrector_weight = _unipc_step(
             corrected, (m, slot(2), slot(3)), sigmas, i, order, settings, with_corrector
         )
-        evaluations.append(Evaluation(float(t), 1.0, (predicted, corrector, m, slot(2))))
-    return evaluations, 1.0, _vp(sigmas[start])
+        evaluations.append(Evaluation(float(t), 1.0, (predicted, corrector, m, slot(2)), noising=_vp(sigmas[i])))
+    return evaluations, 1.0

@@ -71,6 +71,10 @@ class Evaluation:
     input_scale: float
     update: tuple[np.ndarray, ...]  # new state[j] for j < len(update); later buffers become 0
     uses_noise: bool = False
+    # The scheduler's add_noise at the noise level of this evaluation's input latents (its step
+    # index): x = noising[0] * x0 + noising[1] * eps. img2img starts there; inpainting re-noises
+    # the kept image there before the evaluation.
+    noising: tuple[float, float] = (0.0, 1.0)
 
 
 @dataclass(frozen=True, eq=False)
@@ -86,9 +90,8 @@ class SamplerPlan:
     uses_noise: np.ndarray  # bool [E]
     init_noise_sigma: float  # initial state[0] = init_noise_sigma * latents; other buffers start at 0
     prediction_type: str
-    # Starting from an image (img2img): state[0] = add_noise[0] * image latents + add_noise[1] * noise,
-    # the scheduler's add_noise at the plan's first timestep.
-    add_noise: tuple[float, float] = (0.0, 1.0)
+    # The scheduler's add_noise per evaluation (see Evaluation.noising), float64 [E, 2].
+    noising: np.ndarray
 
     def __post_init__(self) -> None:
         tables = {
@@ -96,13 +99,15 @@ class SamplerPlan:
             "input_scales": (self.input_scales, np.float64),
             "coeffs": (self.coeffs, np.float64),
             "uses_noise": (self.uses_noise, np.bool_),
+            "noising": (self.noising, np.float64),
         }
         for field_name, (value, dtype) in tables.items():
             array = np.array(value, dtype=dtype)  # a private copy, then frozen
             array.flags.writeable = False
             object.__setattr__(self, field_name, array)
         count = self.timesteps.shape
-        if len(count) != 1 or self.input_scales.shape != count or self.uses_noise.shape != count:
+        if len(count) != 1 or self.input_scales.shape != count or self.uses_noise.shape != count \
+                or self.noising.shape != count + (2,):
             raise ValueError(f"{self.name}: per-evaluation tables disagree in shape")
         if self.coeffs.shape != (count[0], STATE_SIZE, _WIDTH):
             expected = (count[0], STATE_SIZE, _WIDTH)
@@ -110,21 +115,31 @@ class SamplerPlan:
         if np.any(self.coeffs[~self.uses_noise, :, _NOISE] != 0.0):
             raise ValueError(f"{self.name}: noise coefficient set on an evaluation without noise")
         object.__setattr__(self, "init_noise_sigma", float(self.init_noise_sigma))
-        object.__setattr__(self, "add_noise", tuple(float(v) for v in self.add_noise))
 
     @property
     def num_evaluations(self) -> int:
         """Number of UNet evaluations (E)."""
         return int(self.timesteps.shape[0])
 
+    @property
+    def add_noise(self) -> tuple[float, float]:
+        """Starting from an image (img2img): state[0] = add_noise[0] * image latents + add_noise[1] * noise,
+        the scheduler's add_noise at the plan's first timestep."""
+        return float(self.noising[0, 0]), float(self.noising[0, 1])
 
-# What a sampler builder returns: the evaluations from its start step, init_noise_sigma, add_noise.
-Built = tuple[list[Evaluation], float, tuple[float, float]]
+    def blend_table(self) -> np.ndarray:
+        """Inpainting's masked blend after each evaluation e, float64 [E, 2]: the kept region becomes
+        blend[e, 0] * image latents + blend[e, 1] * initial noise, the image noised to the next
+        evaluation's level (diffusers' add_noise at timesteps[e + 1]); after the last, the image itself."""
+        return np.concatenate([self.noising[1:], [[1.0, 0.0]]])
+
+
+# What a sampler builder returns: the evaluations from its start step and init_noise_sigma.
+Built = tuple[list[Evaluation], float]
 
 
 def assemble(
     name: str, evaluations: Sequence[Evaluation], init_noise_sigma: float, prediction_type: str,
-    add_noise: tuple[float, float] = (0.0, 1.0),
 ) -> SamplerPlan:
     """Stack per-evaluation updates into a plan; reject non-finite tables."""
     coeffs = np.zeros((len(evaluations), STATE_SIZE, _WIDTH), dtype=np.float64)
@@ -135,7 +150,8 @@ def assemble(
             coeffs[e, j] = row
     timesteps = np.array([ev.timestep for ev in evaluations], dtype=np.float64)
     input_scales = np.array([ev.input_scale for ev in evaluations], dtype=np.float64)
-    if not all(np.isfinite(table).all() for table in (coeffs, timesteps, input_scales, init_noise_sigma, add_noise)):
+    noising = np.array([ev.noising for ev in evaluations], dtype=np.float64).reshape(-1, 2)
+    if not all(np.isfinite(table).all() for table in (coeffs, timesteps, input_scales, init_noise_sigma, noising)):
         # diffusers produces NaN / inf latents for these configs; refuse instead.
         raise ValueError(
             f"sampler {name!r}: this scheduler config gives non-finite coefficients "
@@ -149,7 +165,7 @@ def assemble(
         uses_noise=np.array([ev.uses_noise for ev in evaluations], dtype=bool),
         init_noise_sigma=init_noise_sigma,
         prediction_type=prediction_type,
-        add_noise=add_noise,
+        noising=noising,
     )
 
 
@@ -163,19 +179,27 @@ def run_plan(
     noise: NoiseSource = None,
     return_all: bool = False,
     image: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+    pure_noise_start: bool = False,
 ) -> np.ndarray | list[np.ndarray]:
     """Host reference executor in float64: evaluate, then apply the linear update, per evaluation.
 
     `latents` is the initial noise; with `image` (img2img's clean image latents) the start is
-    `add_noise` of the two, else `init_noise_sigma * latents`. `noise` is indexed by evaluation
+    `add_noise` of the two (or `init_noise_sigma * latents` with `pure_noise_start`), else
+    `init_noise_sigma * latents`. With `mask` (1 = repaint, broadcast against the latents) the
+    kept region is replaced after every evaluation by the image noised per `blend_table` with
+    the same initial noise (diffusers' 4-channel inpainting). `noise` is indexed by evaluation
     (callable(e) or sequence[e]) and read only where `plan.uses_noise[e]`. With `return_all`,
     returns state[0] after every evaluation.
     """
     latents = np.asarray(latents, dtype=np.float64)
     if noise is None and plan.uses_noise.any():
         raise ValueError(f"sampler {plan.name!r} needs noise; pass a callable or a sequence")
+    if mask is not None and image is None:
+        raise ValueError("a mask needs the image latents it keeps")
     state = np.zeros((STATE_SIZE,) + latents.shape, dtype=np.float64)
-    state[0] = initial_latents(plan, latents, image)
+    state[0] = initial_latents(plan, latents, None if pure_noise_start else image)
+    blend = plan.blend_table()
     history = []
     for e in range(plan.num_evaluations):
         out = np.asarray(model(plan.input_scales[e] * state[0], float(plan.timesteps[e])), dtype=np.float64)
@@ -184,6 +208,9 @@ def run_plan(
         fresh = _noise_at(noise, e, latents.shape) if plan.uses_noise[e] else np.zeros_like(latents)
         inputs = np.concatenate([state, out[None], fresh[None]])
         state = np.tensordot(plan.coeffs[e], inputs, axes=1)
+        if mask is not None:
+            kept = blend[e, 0] * np.asarray(image, np.float64) + blend[e, 1] * latents
+            state[0] = kept + np.asarray(mask, np.float64) * (state[0] - kept)
         if return_all:
             history.append(state[0].copy())
     logger.debug("ran %s: %d evaluations", plan.name, plan.num_evaluations)
