@@ -28,6 +28,10 @@ IMAGES = "images"
 # The VAE encoder's posterior, already in the UNet's latent space (scaled as the decoder's inverse).
 LATENT_MEAN = "latent_mean"
 LATENT_STD = "latent_std"
+# Inpainting: the mask at latent resolution (1 = repaint); an inpainting UNet also reads the image
+# with the masked region blanked, encoded.
+MASK = "mask"
+MASKED_IMAGE_LATENTS = "masked_image_latents"
 
 # Named dynamic axes.
 BATCH = "batch"
@@ -46,6 +50,11 @@ INPUT_SCALES = "input_scales"
 COEFFS = "coeffs"
 GUIDANCE_SCALE = "guidance_scale"
 GUIDANCE_RESCALE = "guidance_rescale"
+# The masked blend (inpainting with a 4-channel UNet): the clean image latents, the noise they are
+# re-noised with (the loop's initial noise) and the per-evaluation (signal, noise) scales.
+IMAGE_LATENTS = "image_latents"
+INITIAL_NOISE = "initial_noise"
+BLEND = "blend"
 STATE_OUT = "state_out"
 SAMPLE_OUT = "sample_out"
 TIMESTEP_OUT = "timestep_out"
@@ -65,9 +74,38 @@ COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)  # exported from the
 STEP_GUIDED = "step"
 STEP_UNGUIDED = "step_unguided"
 STEP_RESCALED = "step_rescaled"  # guided, then guidance rescale (Lin et al. 2023, sec. 3.4)
-STEP_GRAPHS = (STEP_GUIDED, STEP_UNGUIDED, STEP_RESCALED)  # generated
+MASKED_SUFFIX = "_masked"  # + inpainting's masked blend after the update (engines before it lack these)
 # Extra UNet inputs, in graph order after sample, timestep, encoder_hidden_states.
-UNET_CONDITIONING = (TEXT_EMBEDS, TIME_IDS, TIMESTEP_COND)
+UNET_CONDITIONING = (TEXT_EMBEDS, TIME_IDS, TIMESTEP_COND, MASK, MASKED_IMAGE_LATENTS)
+
+
+@dataclass(frozen=True)
+class StepFeatures:
+    """What one generated step graph does after the UNet call, in order: classifier-free guidance,
+    guidance rescale, the sampler's linear update (always), inpainting's masked blend."""
+
+    guided: bool = True
+    rescaled: bool = False
+    masked: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rescaled and not self.guided:
+            raise ValueError("guidance rescale needs the guided step graph")
+
+    @property
+    def name(self) -> str:
+        base = STEP_RESCALED if self.rescaled else STEP_GUIDED if self.guided else STEP_UNGUIDED
+        return base + MASKED_SUFFIX if self.masked else base
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """What the graph does, in words (the manifest's note)."""
+        return (("classifier-free guidance",) * self.guided + ("guidance rescale",) * self.rescaled
+                + ("sampler update",) + ("masked blend",) * self.masked)
+
+
+STEP_FEATURES = tuple(StepFeatures(g, r, m) for m in (False, True) for g, r in ((True, False), (False, False), (True, True)))
+STEP_GRAPHS = tuple(f.name for f in STEP_FEATURES)  # generated
 
 
 @dataclass(frozen=True)
@@ -182,6 +220,8 @@ class ModelDims:
     pooled_size: int = 0  # SDXL: width of the pooled text embedding (the UNet's text_embeds)
     time_ids_size: int = 0  # SDXL: 6 size-conditioning values per image
     timestep_cond_size: int = 0  # LCM: width of the guidance-scale embedding
+    # An inpainting UNet (9 input channels in SD): it reads [latents, mask, masked-image latents].
+    inpainting: bool = False
 
     def __post_init__(self) -> None:
         if self.text_encoders not in (1, 2) or (self.text_encoders == 2) != (self.pooled_size > 0):
@@ -198,9 +238,14 @@ class ModelDims:
         return 1 if self.timestep_cond_size else 2
 
     def unet_conditioning(self) -> tuple[TensorSpec, ...]:
-        """The UNet inputs beyond sample, timestep and text: pooled text, size ids, guidance embedding."""
+        """The UNet inputs beyond sample, timestep and text: pooled text, size ids, guidance embedding,
+        an inpainting UNet's mask and masked-image latents."""
         sizes = {TEXT_EMBEDS: self.pooled_size, TIME_IDS: self.time_ids_size, TIMESTEP_COND: self.timestep_cond_size}
-        return tuple(TensorSpec(name, "float32", (BATCH, sizes[name])) for name in UNET_CONDITIONING if sizes[name])
+        latent = (LATENT_HEIGHT, LATENT_WIDTH)
+        axes = {name: (BATCH, size) for name, size in sizes.items() if size}
+        if self.inpainting:
+            axes.update({MASK: (BATCH, 1) + latent, MASKED_IMAGE_LATENTS: (BATCH, self.latent_channels) + latent})
+        return tuple(TensorSpec(name, "float32", axes[name]) for name in UNET_CONDITIONING if name in axes)
 
 
 def component_specs(m: ModelDims) -> dict[str, ComponentSpec]:
@@ -244,10 +289,10 @@ def component_specs(m: ModelDims) -> dict[str, ComponentSpec]:
     return {s.name: s for s in (text_encoder, unet, vae_decoder, vae_encoder)}
 
 
-def step_spec(m: ModelDims, state_size: int, guided: bool, rescaled: bool = False) -> ComponentSpec:
-    """The fused guidance (+ rescale) + sampler-update graph after each UNet call (see engine/step_graph.py)."""
-    if rescaled and not guided:
-        raise ValueError("guidance rescale needs the guided step graph")
+def step_spec(m: ModelDims, state_size: int, features: StepFeatures) -> ComponentSpec:
+    """The fused guidance (+ rescale) + sampler-update (+ masked blend) graph after each UNet call
+    (see engine/step_graph.py)."""
+    guided, rescaled = features.guided, features.rescaled
     latent = (m.latent_channels, LATENT_HEIGHT, LATENT_WIDTH)
     unet_batch = UNET_BATCH if guided else BATCH
     state = (state_size, BATCH) + latent
@@ -261,21 +306,30 @@ def step_spec(m: ModelDims, state_size: int, guided: bool, rescaled: bool = Fals
         TensorSpec(COEFFS, "float32", (EVALUATIONS, state_size, state_size + 2)),
     ) + ((TensorSpec(GUIDANCE_SCALE, "float32", (1,)),) if guided else ()) + (
         (TensorSpec(GUIDANCE_RESCALE, "float32", (1,)),) if rescaled else ()
-    )
+    ) + ((
+        TensorSpec(MASK, "float32", (BATCH, 1, LATENT_HEIGHT, LATENT_WIDTH)),
+        TensorSpec(IMAGE_LATENTS, "float32", (BATCH,) + latent),
+        TensorSpec(INITIAL_NOISE, "float32", (BATCH,) + latent),
+        TensorSpec(BLEND, "float32", (EVALUATIONS, 2)),
+    ) if features.masked else ())
     outputs = (
         TensorSpec(STATE_OUT, "float32", state),
         TensorSpec(SAMPLE_OUT, "float32", (unet_batch,) + latent),
         TensorSpec(TIMESTEP_OUT, "float32", (1,)),
         TensorSpec(STEP_OUT, "int32", (1,)),
     )
-    name = STEP_RESCALED if rescaled else STEP_GUIDED if guided else STEP_UNGUIDED
-    return ComponentSpec(name, inputs, outputs, Tolerance(fp32=1e-5, fp16=1e-5))
+    return ComponentSpec(features.name, inputs, outputs, Tolerance(fp32=1e-5, fp16=1e-5))
+
+
+def step_features(m: ModelDims) -> tuple[StepFeatures, ...]:
+    """The step graphs an engine of these dims has: the masked blend only for a plain (4-channel)
+    UNet; an inpainting UNet inpaints by itself, as in diffusers."""
+    return tuple(f for f in STEP_FEATURES if not (f.masked and m.inpainting))
 
 
 def step_specs(m: ModelDims, state_size: int) -> dict[str, ComponentSpec]:
-    """Every generated step graph's spec, by name (STEP_GRAPHS)."""
-    specs = (step_spec(m, state_size, True), step_spec(m, state_size, False), step_spec(m, state_size, True, True))
-    return {s.name: s for s in specs}
+    """Every generated step graph's spec of an engine, by name."""
+    return {f.name: step_spec(m, state_size, f) for f in step_features(m)}
 
 
 @dataclass(frozen=True)

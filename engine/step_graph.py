@@ -1,9 +1,10 @@
-"""The fused step graph: classifier-free guidance + one sampler update, as a tiny ONNX graph.
+"""The fused step graph: classifier-free guidance + one sampler update (+ inpainting's masked blend),
+as a tiny ONNX graph.
 
 After each UNet call the backend runs this graph. It reads the plan's tables (timesteps, input
-scales, coefficients) with its own step counter and returns the next state, the next UNet input
-and timestep, and the advanced counter: a denoising step needs no host math and no host input,
-so a step (UNet + this graph) can be captured once and replayed.
+scales, coefficients, blend scales) with its own step counter and returns the next state, the
+next UNet input and timestep, and the advanced counter: a denoising step needs no host math and
+no host input, so a step (UNet + this graph) can be captured once and replayed.
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ import onnx
 from onnx import TensorProto, helper
 
 from diffusion_engine.engine.specs import (
+    BLEND,
     COEFFS,
     GUIDANCE_RESCALE,
     GUIDANCE_SCALE,
+    IMAGE_LATENTS,
+    INITIAL_NOISE,
     INPUT_SCALES,
+    MASK,
     NOISE,
     NOISE_PRED,
     SAMPLE_OUT,
@@ -26,6 +31,7 @@ from diffusion_engine.engine.specs import (
     TIMESTEP_OUT,
     TIMESTEPS,
     ComponentSpec,
+    StepFeatures,
 )
 
 STEP_OPSET = 17
@@ -78,8 +84,8 @@ def _rescale() -> list[onnx.NodeProto]:
     ]
 
 
-def _update() -> list[onnx.NodeProto]:
-    """state_out = coeffs[step] @ [state; m; noise[min(step, rows - 1)]], one MatMul."""
+def _update(out: str) -> list[onnx.NodeProto]:
+    """out = coeffs[step] @ [state; m; noise[min(step, rows - 1)]], one MatMul."""
     n = helper.make_node
     return [
         n("Gather", [COEFFS, STEP], ["row"], name="coeff_row", axis=0),  # [1, K, K+2]
@@ -96,7 +102,29 @@ def _update() -> list[onnx.NodeProto]:
         n("Reshape", ["stack", "flat_shape"], ["flat"], name="flatten"),
         n("MatMul", ["matrix", "flat"], ["updated"], name="update"),  # [K, B*C*H*W]
         n("Shape", [STATE], ["state_shape"], name="state_shape"),
-        n("Reshape", ["updated", "state_shape"], [STATE_OUT], name="state_out"),
+        n("Reshape", ["updated", "state_shape"], [out], name="updated_state"),
+    ]
+
+
+def _blend(updated: str) -> list[onnx.NodeProto]:
+    """state_out[0] = kept + mask * (updated[0] - kept), kept = blend[step, 0] * image + blend[step, 1] * noise0:
+    the region outside the mask is the image noised to the next evaluation's level (diffusers' 4-channel
+    inpainting); the other state buffers pass through."""
+    n = helper.make_node
+    return [
+        n("Gather", [BLEND, STEP], ["blend_row"], name="blend_row", axis=0),  # [1, 2]
+        n("Split", ["blend_row"], ["signal", "noise_scale"], name="blend_scales", axis=1),  # [1, 1] each
+        n("Mul", [IMAGE_LATENTS, "signal"], ["kept_signal"], name="kept_signal"),
+        n("Mul", [INITIAL_NOISE, "noise_scale"], ["kept_noise"], name="kept_noise"),
+        n("Add", ["kept_signal", "kept_noise"], ["kept"], name="kept"),
+        n("Gather", [updated, "zero_index"], ["updated_latents"], name="updated_latents", axis=0),
+        n("Sub", ["updated_latents", "kept"], ["repaint"], name="repaint"),
+        n("Mul", ["repaint", MASK], ["masked_repaint"], name="masked_repaint"),
+        n("Add", ["kept", "masked_repaint"], ["blended"], name="blended"),
+        n("Unsqueeze", ["blended", "zero"], ["blended1"], name="blended1"),
+        n("Shape", [updated], ["buffers"], name="buffers", start=0, end=1),
+        n("Slice", [updated, "one64", "buffers", "zero"], ["other_buffers"], name="other_buffers"),
+        n("Concat", ["blended1", "other_buffers"], [STATE_OUT], name="state_out", axis=0),
     ]
 
 
@@ -119,20 +147,20 @@ def _next_inputs(guided: bool) -> list[onnx.NodeProto]:
     return nodes
 
 
-def build_step_graph(spec: ComponentSpec, guided: bool) -> onnx.ModelProto:
-    """The step graph of `spec` (see engine.specs.step_spec), checked by onnx.checker."""
-    rescaled = GUIDANCE_RESCALE in {t.name for t in spec.inputs}
+def build_step_graph(spec: ComponentSpec, features: StepFeatures) -> onnx.ModelProto:
+    """The step graph of `spec` (engine.specs.step_spec of `features`), checked by onnx.checker."""
+    updated = "state_updated" if features.masked else STATE_OUT
+    nodes = _guidance(features.guided, features.rescaled) + _update(updated)
+    nodes += (_blend(updated) if features.masked else []) + _next_inputs(features.guided)
     inits = [
         _const("zero", [0]),
+        _const("one64", [1]),
         _const("minus_one", [-1]),
         _const("one32", [1], TensorProto.INT32),
         helper.make_tensor("zero_index", TensorProto.INT32, [], [0]),
         helper.make_tensor("one", TensorProto.FLOAT, [], [1.0]),
     ]
-    graph = helper.make_graph(
-        _guidance(guided, rescaled) + _update() + _next_inputs(guided), spec.name,
-        _value_infos(spec.inputs), _value_infos(spec.outputs), initializer=inits,
-    )
+    graph = helper.make_graph(nodes, spec.name, _value_infos(spec.inputs), _value_infos(spec.outputs), initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", STEP_OPSET)],
                               producer_name="diffusion-engine")
     model.ir_version = 8
@@ -140,10 +168,11 @@ def build_step_graph(spec: ComponentSpec, guided: bool) -> onnx.ModelProto:
     return model
 
 
-def reference_step(feeds: dict, guided: bool) -> dict:
+def reference_step(feeds: dict, features: StepFeatures) -> dict:
     """The step graph's definition in float64 numpy (the check at export and in tests)."""
     import numpy as np
 
+    guided = features.guided
     f = {k: np.asarray(v, np.float64) if k != STEP else int(np.asarray(v)[0]) for k, v in feeds.items()}
     step = f[STEP]
     m = f[NOISE_PRED]
@@ -158,6 +187,10 @@ def reference_step(feeds: dict, guided: bool) -> dict:
     fresh = f[NOISE][min(step, len(f[NOISE]) - 1)]
     stack = np.concatenate([f[STATE], m[None], fresh[None]])
     state = np.tensordot(f[COEFFS][step], stack, axes=1)
+    if features.masked:
+        signal, scale = f[BLEND][step]
+        kept = signal * f[IMAGE_LATENTS] + scale * f[INITIAL_NOISE]
+        state[0] = f[MASK] * state[0] + (1 - f[MASK]) * kept
     nxt = min(step + 1, len(f[TIMESTEPS]) - 1)
     sample = f[INPUT_SCALES][nxt] * state[0]
     return {

@@ -69,8 +69,14 @@ def model_dims(pipe: Any) -> ModelDims:
     unet = pipe.unet.config
     encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
     pooled = int(encoders[1].config.projection_dim) if len(encoders) == 2 else 0
+    latent = int(pipe.vae.config.latent_channels)
+    if unet.in_channels not in (latent, 2 * latent + 1):
+        raise CheckpointError(
+            f"the UNet takes {unet.in_channels} input channels; the VAE's latents have {latent} (a plain UNet) "
+            f"and an inpainting UNet reads {2 * latent + 1} (latents, mask, masked-image latents)"
+        )
     dims = ModelDims(
-        latent_channels=unet.in_channels,
+        latent_channels=latent,
         vae_scale_factor=2 ** (len(pipe.vae.config.block_out_channels) - 1),
         unet_downsample=2 ** (len(unet.down_block_types) - 1),
         text_hidden_size=sum(int(e.config.hidden_size) for e in encoders),
@@ -79,6 +85,7 @@ def model_dims(pipe: Any) -> ModelDims:
         pooled_size=pooled,
         time_ids_size=SIZE_IDS if unet.get("addition_embed_type") == "text_time" else 0,
         timestep_cond_size=int(unet.get("time_cond_proj_dim") or 0),
+        inpainting=unet.in_channels == 2 * latent + 1,
     )
     _check_dims(pipe, dims)
     return dims

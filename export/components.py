@@ -15,6 +15,8 @@ import onnx
 import torch
 
 from diffusion_engine.engine.specs import (
+    MASK,
+    MASKED_IMAGE_LATENTS,
     TEXT_EMBEDS,
     TEXT_ENCODER,
     TIME_IDS,
@@ -68,7 +70,8 @@ class UNet(torch.nn.Module):
     """Conditional UNet: (sample, timestep[1], encoder_hidden_states, *conditioning) -> noise prediction.
 
     `conditioning` are the spec's extra inputs, by name: SDXL's text_embeds and time_ids (the added
-    embedding), LCM's timestep_cond (the guidance embedding).
+    embedding), LCM's timestep_cond (the guidance embedding), an inpainting UNet's mask and
+    masked-image latents (joined to the sample along channels, as diffusers' inpaint pipelines do).
     """
 
     def __init__(self, unet: torch.nn.Module, conditioning: tuple[str, ...] = ()):
@@ -82,6 +85,8 @@ class UNet(torch.nn.Module):
     ) -> torch.Tensor:
         named = dict(zip(self.conditioning, conditioning))
         added = {k: named[k] for k in (TEXT_EMBEDS, TIME_IDS) if k in named}
+        if MASK in named:
+            sample = torch.cat([sample, named[MASK], named[MASKED_IMAGE_LATENTS]], dim=1)
         return self.unet(
             sample, timestep, encoder_hidden_states, timestep_cond=named.get(TIMESTEP_COND),
             added_cond_kwargs=added or None, return_dict=False,
@@ -162,6 +167,8 @@ def example_feeds(spec: ComponentSpec, dims: Mapping[str, int], seed: int = 0) -
             feeds[t.name] = rng.integers(0, dims.get("vocab_size", 256), size=shape, dtype=np.int32)
         elif t.dtype == "uint8":  # pixels
             feeds[t.name] = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        elif t.name == MASK:  # 1 = repaint, 0 = keep
+            feeds[t.name] = (rng.random(shape) < 0.5).astype(np.float32)
         elif t.name in (TIMESTEP, TIME_IDS):  # timesteps in [0, 1000); sizes and crops of that order
             feeds[t.name] = rng.uniform(0, 1000, size=shape).astype(np.float32)
         else:

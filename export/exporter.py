@@ -26,9 +26,6 @@ from diffusion_engine.engine.specs import (
     FAMILY_DEFAULTS,
     STATE_SIZE,
     STEP,
-    STEP_GUIDED,
-    STEP_RESCALED,
-    STEP_UNGUIDED,
     TIME_IDS,
     TIMESTEP,
     TIMESTEP_COND,
@@ -37,8 +34,10 @@ from diffusion_engine.engine.specs import (
     BuildRanges,
     ComponentSpec,
     ModelDims,
+    StepFeatures,
     component_specs,
-    step_specs,
+    step_features,
+    step_spec,
 )
 from diffusion_engine.engine.step_graph import build_step_graph, reference_step
 from diffusion_engine.runtime.samplers import default_sampler
@@ -102,8 +101,9 @@ def export_engine(
             entries[name], report = export_one(ckpt, specs[name], options, tmp, fp32_reason(ckpt, name, options))
             reports.append(report)
         progress("step graphs")
-        for name, spec in step_specs(dims, STATE_SIZE).items():
-            entries[name] = export_step_graph(spec, name != STEP_UNGUIDED, options.ranges.axis_ranges(spec, dims), tmp)
+        for features in step_features(dims):
+            spec = step_spec(dims, STATE_SIZE, features)
+            entries[spec.name] = export_step_graph(spec, features, options.ranges.axis_ranges(spec, dims), tmp)
         manifest = Manifest(
             family=ckpt.family, prediction_type=ckpt.prediction_type, dims=dims, build=options.ranges,
             scheduler_config=ckpt.scheduler_config, tokenizer=tokenizer, components=entries,
@@ -189,30 +189,23 @@ def export_one(
     return entry, report
 
 
-def export_step_graph(spec: ComponentSpec, guided: bool, ranges, out: Path) -> ComponentEntry:
+def export_step_graph(spec: ComponentSpec, features: StepFeatures, ranges, out: Path) -> ComponentEntry:
     """Generate a step graph, check it against its numpy definition at two shapes, record it."""
     files = {"fp32": f"{spec.name}.onnx"}
-    components.save_model(build_step_graph(spec, guided), out / files["fp32"])
+    components.save_model(build_step_graph(spec, features), out / files["fp32"])
     session = validate.cpu_session(out / files["fp32"])
     results = []
     for i, dims in enumerate(validate.parity_dims(ranges)):
         dims = {**dims, "evaluations": 7, "noise_rows": 7 if i else 1, "unet_batch": 2 * dims["batch"]}
         feeds = components.example_feeds(spec, dims, seed=i)
         feeds[STEP] = np.array([6 if i else 2], np.int32)  # a middle step, and the last (the next index clamps)
-        expected = reference_step(feeds, guided)
+        expected = reference_step(feeds, features)
         ref = {t.name: expected[t.name].astype(np.dtype(t.dtype)) for t in spec.outputs}
         results.append(validate.check(spec, "fp32", session, feeds, ref, dims).as_dict())
     return ComponentEntry.from_spec(
         spec, ranges, files=files, gpu_precision="fp32", parameters=0, parity={"fp32": results},
-        notes=[f"generated: {' + '.join(_STEP_PARTS[spec.name])}"],
+        notes=[f"generated: {' + '.join(features.parts)}"],
     )
-
-
-_STEP_PARTS = {
-    STEP_GUIDED: ("classifier-free guidance", "sampler update"),
-    STEP_UNGUIDED: ("sampler update",),
-    STEP_RESCALED: ("classifier-free guidance", "guidance rescale", "sampler update"),
-}
 
 
 def validate_component(

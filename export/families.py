@@ -2,8 +2,10 @@
 
 The rule, in order:
 1. The pipeline class names the architecture: StableDiffusionPipeline (SD 1.x / 2.x),
-   StableDiffusionXLPipeline (SDXL base: two text encoders), LatentConsistencyModelPipeline. Any
-   other class (SD3, Flux, the SDXL refiner, ...) is refused, naming its family.
+   StableDiffusionXLPipeline (SDXL base: two text encoders), LatentConsistencyModelPipeline, and
+   the inpainting classes of SD and SDXL (the same families: whether the UNet is an inpainting one,
+   9 input channels, is read from its config at export). Any other class (SD3, Flux, the SDXL
+   refiner, ...) is refused, naming its family.
 2. A UNet with `time_cond_proj_dim` (a guidance-scale embedding input) is LCM-distilled: `lcm`.
 3. SD 2.x is told from SD 1.x by its OpenCLIP text encoder: `gelu` activation (SD 1.x's CLIP uses
    `quick_gelu`) or 1024-wide cross-attention.
@@ -27,14 +29,15 @@ ARCHITECTURES = {
     "StableDiffusionPipeline": ("sd1", "sd2", "sd-turbo", "lcm"),
     "StableDiffusionXLPipeline": ("sdxl", "sdxl-turbo"),
     "LatentConsistencyModelPipeline": ("lcm",),
+    "StableDiffusionInpaintPipeline": ("sd1", "sd2", "sd-turbo", "lcm"),
+    "StableDiffusionXLInpaintPipeline": ("sdxl", "sdxl-turbo"),
 }
+SDXL_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLInpaintPipeline")
 # Pipeline classes of families we do not export, named in the refusal.
 OTHER_FAMILIES = {
     "StableDiffusion3Pipeline": "sd3",
     "FluxPipeline": "flux",
     "StableDiffusionXLImg2ImgPipeline": "sdxl-refiner",
-    "StableDiffusionXLInpaintPipeline": "sdxl-inpainting",
-    "StableDiffusionInpaintPipeline": "sd-inpainting",
     "StableDiffusionUpscalePipeline": "sd-upscaler",
     "StableDiffusionDepth2ImgPipeline": "sd2-depth",
     "StableCascadeCombinedPipeline": "stable-cascade",
@@ -69,15 +72,15 @@ def detect_family(
     if cls not in ARCHITECTURES:
         raise refuse(where, OTHER_FAMILIES.get(cls, cls), f" ({cls})")
     unet, scheduler = configs.get("unet", {}), configs.get("scheduler", {})
-    if cls == "StableDiffusionXLPipeline" and not _has(index, "text_encoder"):
+    if cls in SDXL_CLASSES and not _has(index, "text_encoder"):
         raise refuse(where, "sdxl-refiner", " (an SDXL pipeline without the first text encoder)")
     if unet.get("time_cond_proj_dim"):
-        if cls == "StableDiffusionXLPipeline":
+        if cls in SDXL_CLASSES:
             raise refuse(where, "lcm-sdxl", " (an SDXL UNet with a guidance embedding)")
         detected = "lcm"
     elif cls == "LatentConsistencyModelPipeline":
         raise refuse(where, "lcm-lora", " (a LatentConsistencyModelPipeline whose UNet has no time_cond_proj_dim)")
-    elif cls == "StableDiffusionXLPipeline":
+    elif cls in SDXL_CLASSES:
         detected = "sdxl-turbo" if _looks_turbo(scheduler, name) else "sdxl"
     elif _openclip(configs.get("text_encoder", {}), unet):
         detected = "sd-turbo" if _looks_turbo(scheduler, name) else "sd2"

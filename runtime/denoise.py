@@ -10,10 +10,14 @@ from typing import Callable
 import numpy as np
 
 from diffusion_engine.engine.specs import (
+    BLEND,
     COEFFS,
     GUIDANCE_RESCALE,
     GUIDANCE_SCALE,
+    IMAGE_LATENTS,
+    INITIAL_NOISE,
     INPUT_SCALES,
+    MASK,
     NOISE,
     NOISE_PRED,
     SAMPLE,
@@ -39,7 +43,9 @@ Progress = Callable[[int, int], None]  # (evaluations done, evaluations in all)
 class LoopInputs:
     """Everything one denoising loop reads: the plan's tables, initial values, noise, text."""
 
-    tables: dict[str, np.ndarray]  # timesteps, input_scales, coeffs as float32 (+ guidance_scale, _rescale)
+    # Step-graph inputs fixed for the loop: timesteps, input_scales, coeffs as float32 (+ guidance_scale,
+    # guidance_rescale; the masked blend's mask, image_latents, initial_noise and blend table).
+    tables: dict[str, np.ndarray]
     state: np.ndarray  # float32 [K, N, C, h, w]
     sample: np.ndarray  # float32 [G*N, C, h, w]: the first UNet input
     timestep: np.ndarray  # float32 [1]
@@ -56,15 +62,17 @@ class LoopInputs:
 def loop_inputs(
     plan: SamplerPlan, latents: np.ndarray, unet_static: dict[str, np.ndarray], guidance: float | None,
     rng: np.random.Generator, guidance_rescale: float | None = None, image_latents: np.ndarray | None = None,
+    mask: np.ndarray | None = None, pure_noise_start: bool = False,
 ) -> LoopInputs:
     """Initial state and device tables of one loop; per-step noise drawn from rng after the latents.
 
     `latents` is the initial noise; with `image_latents` (img2img) the loop starts from them noised
-    to the plan's first timestep. `guidance` None runs unguided; `guidance_rescale` (with guidance)
-    feeds the rescaled step graph.
+    to the plan's first timestep, unless `pure_noise_start` (inpainting at strength 1). `guidance`
+    None runs unguided; `guidance_rescale` (with guidance) feeds the rescaled step graph; `mask`
+    ([N, 1, h, w], 1 = repaint, with image_latents) feeds a masked step graph's blend.
     """
     state = np.zeros((STATE_SIZE,) + latents.shape, np.float32)
-    state[0] = initial_latents(plan, latents, image_latents)
+    state[0] = initial_latents(plan, latents, None if pure_noise_start else image_latents)
     sample = (plan.input_scales[0] * state[0].astype(np.float64)).astype(np.float32)
     guided = guidance is not None
     if plan.uses_noise.any():
@@ -80,6 +88,11 @@ def loop_inputs(
         tables[GUIDANCE_SCALE] = np.array([guidance], np.float32)
     if guided and guidance_rescale is not None:
         tables[GUIDANCE_RESCALE] = np.array([guidance_rescale], np.float32)
+    if mask is not None:
+        if image_latents is None:
+            raise ValueError("the masked blend needs the image latents it keeps")
+        tables.update({MASK: mask.astype(np.float32), IMAGE_LATENTS: image_latents.astype(np.float32),
+                       INITIAL_NOISE: latents.astype(np.float32), BLEND: plan.blend_table().astype(np.float32)})
     return LoopInputs(
         tables=tables, state=state, sample=np.concatenate([sample, sample]) if guided else sample,
         timestep=np.array([plan.timesteps[0]], np.float32), noise=noise, unet_static=unet_static,

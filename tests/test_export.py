@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from diffusion_engine.engine.specs import STEP_GRAPHS
+
 import json
 import shutil
 from pathlib import Path
@@ -41,11 +43,10 @@ def load_checkpoint_dims(pipe):
 
 def test_manifest_lists_components_with_errors(tiny_engine):
     m = read_manifest(tiny_engine)
-    assert set(m.components) == {"text_encoder", "unet", "vae_decoder", "vae_encoder", "step", "step_unguided",
-                                 "step_rescaled"}
+    assert set(m.components) == {"text_encoder", "unet", "vae_decoder", "vae_encoder", *STEP_GRAPHS}
     assert (m.family, m.prediction_type) == ("sd1", "epsilon")
     assert m.build == BuildRanges(MIN_SIZE, MAX_SIZE, MAX_BATCH)
-    for name in ("step", "step_unguided", "step_rescaled"):  # generated, fp32 everywhere, checked against numpy
+    for name in STEP_GRAPHS:  # generated, fp32 everywhere, checked against numpy
         c = m.components[name]
         assert set(c.files) == {"fp32"} and c.gpu_precision == "fp32"
         assert len(c.parity["fp32"]) == 2 and all(r["rel_error"] <= 1e-5 for r in c.parity["fp32"])

@@ -1,4 +1,5 @@
-"""Tiny checkpoints of every supported family (SD1.x, SD2.x, SDXL, Turbo, LCM) built in code from a seed."""
+"""Tiny checkpoints of every supported family (SD1.x, SD2.x, SDXL, Turbo, LCM) built in code from a seed,
+and inpainting variants (a 9-channel UNet in the family's inpaint pipeline) of SD1.x, SD2.x and SDXL."""
 
 from __future__ import annotations
 
@@ -61,8 +62,8 @@ def tiny_clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {tok: i for i, tok in enumerate(tokens)}, merges
 
 
-def _tiny_components(seed: int):
-    """The five diffusers/transformers components of a tiny SD1.x pipeline, seeded."""
+def _tiny_components(seed: int, in_channels: int = 4):
+    """The five diffusers/transformers components of a tiny SD1.x pipeline, seeded (in_channels 9: inpainting)."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -81,7 +82,7 @@ def _tiny_components(seed: int):
     )
     torch.manual_seed(seed + 1)
     unet = UNet2DConditionModel(
-        sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
+        sample_size=32, in_channels=in_channels, out_channels=4, layers_per_block=1,
         block_out_channels=(32, 64), norm_num_groups=16,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
@@ -102,19 +103,20 @@ def _tiny_components(seed: int):
     return text_encoder, tokenizer, unet, vae, scheduler
 
 
-def build_tiny_sd1(out_dir: str | os.PathLike, seed: int = 0, overwrite: bool = False) -> Path:
+def build_tiny_sd1(out_dir: str | os.PathLike, seed: int = 0, overwrite: bool = False, inpainting: bool = False) -> Path:
     """Write a tiny, randomly initialised SD1.x checkpoint in diffusers format; return its path.
 
     The same seed gives the same weights. The folder appears atomically (temp name, rename).
+    `inpainting`: a 9-channel UNet in a StableDiffusionInpaintPipeline.
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
 
     out = Path(out_dir)
-    info = {"builder": SD1_BUILDER, "seed": seed}
+    info = {"builder": SD1_BUILDER, "seed": seed, **({"inpainting": True} if inpainting else {})}
     if _existing(out, overwrite, info):
         return out
-    text_encoder, tokenizer, unet, vae, scheduler = _tiny_components(seed)
-    pipe = StableDiffusionPipeline(
+    text_encoder, tokenizer, unet, vae, scheduler = _tiny_components(seed, 9 if inpainting else 4)
+    pipe = (StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline)(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
@@ -150,7 +152,8 @@ def _existing(out: Path, overwrite: bool, info: dict) -> bool:
 
 
 def _describe(info: dict) -> str:
-    return f"family {info.get('family', 'sd1')}, seed {info.get('seed')}"
+    variant = ", inpainting" if info.get("inpainting") else ""
+    return f"family {info.get('family', 'sd1')}{variant}, seed {info.get('seed')}"
 
 
 def _save_atomically(pipe, out: Path, info: dict) -> None:
@@ -178,6 +181,7 @@ _TINY_SCHEDULERS = {
     "lcm": ("LCMScheduler", {"original_inference_steps": 50, "set_alpha_to_one": True, "steps_offset": 1}),
 }
 TINY_FAMILIES = ("sd1",) + tuple(_TINY_SCHEDULERS)
+INPAINTING_FAMILIES = ("sd1", "sd2", "sdxl")  # the families diffusers has an inpaint pipeline (and checkpoints) for
 
 
 def _tiny_tokenizer(pad_token: str | None = None):
@@ -205,7 +209,7 @@ def _tiny_text_encoder(seed: int, hidden_act: str, projection: bool = False):
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
-def _tiny_unet(seed: int, family: str):
+def _tiny_unet(seed: int, family: str, in_channels: int = 4):
     """One cross-attention block, no mid block (quick to export), with the family's extra inputs."""
     import torch
     from diffusers import UNet2DConditionModel
@@ -219,7 +223,7 @@ def _tiny_unet(seed: int, family: str):
         extra = {"time_cond_proj_dim": TINY_TEXT_HIDDEN}
     torch.manual_seed(seed)
     return UNet2DConditionModel(
-        sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32,),
+        sample_size=32, in_channels=in_channels, out_channels=4, layers_per_block=1, block_out_channels=(32,),
         norm_num_groups=16, down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
         mid_block_type=None, cross_attention_dim=TINY_TEXT_HIDDEN * (2 if xl else 1), attention_head_dim=8,
         use_linear_projection=family != "lcm", **extra,
@@ -240,15 +244,17 @@ def _tiny_vae(seed: int, family: str):
     )
 
 
-def _tiny_pipeline(family: str, seed: int):
+def _tiny_pipeline(family: str, seed: int, inpainting: bool = False):
     """The diffusers pipeline of a tiny checkpoint of `family` (not sd1: see _tiny_components)."""
     import diffusers
 
     cls_name, options = _TINY_SCHEDULERS[family]
     scheduler = getattr(diffusers, cls_name).from_config({**_SD_SCHEDULER, **options})
-    parts = {"unet": _tiny_unet(seed + 1, family), "vae": _tiny_vae(seed + 2, family), "scheduler": scheduler}
+    unet = _tiny_unet(seed + 1, family, 9 if inpainting else 4)
+    parts = {"unet": unet, "vae": _tiny_vae(seed + 2, family), "scheduler": scheduler}
     if family.startswith("sdxl"):
-        return diffusers.StableDiffusionXLPipeline(
+        cls = diffusers.StableDiffusionXLInpaintPipeline if inpainting else diffusers.StableDiffusionXLPipeline
+        return cls(
             text_encoder=_tiny_text_encoder(seed, "quick_gelu"), tokenizer=_tiny_tokenizer(),
             text_encoder_2=_tiny_text_encoder(seed + 3, "gelu", projection=True), tokenizer_2=_tiny_tokenizer("!"),
             force_zeros_for_empty_prompt=True, add_watermarker=False, **parts,
@@ -256,32 +262,39 @@ def _tiny_pipeline(family: str, seed: int):
     text = {"text_encoder": _tiny_text_encoder(seed, "quick_gelu" if family == "lcm" else "gelu"),
             "tokenizer": _tiny_tokenizer()}
     cls = diffusers.LatentConsistencyModelPipeline if family == "lcm" else diffusers.StableDiffusionPipeline
+    cls = diffusers.StableDiffusionInpaintPipeline if inpainting else cls
     return cls(**text, **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-def build_tiny(family: str, out_dir: str | os.PathLike, seed: int = 0, overwrite: bool = False) -> Path:
-    """Write a tiny, randomly initialised checkpoint of `family` (see TINY_FAMILIES) in diffusers format.
+def build_tiny(family: str, out_dir: str | os.PathLike, seed: int = 0, overwrite: bool = False,
+               inpainting: bool = False) -> Path:
+    """Write a tiny, randomly initialised checkpoint of `family` (see TINY_FAMILIES) in diffusers format;
+    `inpainting`: its inpainting variant (INPAINTING_FAMILIES).
 
-    The same family and seed give the same weights; the folder appears atomically.
+    The same family, variant and seed give the same weights; the folder appears atomically.
     """
     if family not in TINY_FAMILIES:
         raise ValueError(f"no tiny checkpoint for family {family!r}; valid: {', '.join(TINY_FAMILIES)}")
+    if inpainting and family not in INPAINTING_FAMILIES:
+        raise ValueError(f"no tiny inpainting checkpoint for family {family!r}; valid: {', '.join(INPAINTING_FAMILIES)}")
     if family == "sd1":
-        return build_tiny_sd1(out_dir, seed=seed, overwrite=overwrite)
+        return build_tiny_sd1(out_dir, seed=seed, overwrite=overwrite, inpainting=inpainting)
     out = Path(out_dir)
-    info = {"builder": BUILDER, "family": family, "seed": seed}
+    info = {"builder": BUILDER, "family": family, "seed": seed, **({"inpainting": True} if inpainting else {})}
     if _existing(out, overwrite, info):
         return out
-    _save_atomically(_tiny_pipeline(family, seed), out, info)
-    logger.info("wrote tiny %s checkpoint (seed %d) to %s", family, seed, out)
+    _save_atomically(_tiny_pipeline(family, seed, inpainting), out, info)
+    logger.info("wrote tiny %s%s checkpoint (seed %d) to %s", family, " inpainting" * inpainting, seed, out)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`engine-tiny OUT [--family sd1] [--seed N]`: write a tiny random-weight checkpoint (for tests and demos)."""
+    """`engine-tiny OUT [--family sd1] [--inpainting] [--seed N]`: write a tiny random-weight checkpoint (for tests and demos)."""
     p = argparse.ArgumentParser(prog="engine-tiny", description=main.__doc__.split(": ", 1)[1])
     p.add_argument("out")
     p.add_argument("--family", choices=TINY_FAMILIES, default="sd1")
+    p.add_argument("--inpainting", action="store_true",
+                   help=f"a 9-channel inpainting UNet ({', '.join(INPAINTING_FAMILIES)})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
@@ -291,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
 def _build(args: argparse.Namespace) -> int:
     try:
         require("export", "engine-tiny")
-        print(build_tiny(args.family, args.out, seed=args.seed, overwrite=args.overwrite))
+        print(build_tiny(args.family, args.out, seed=args.seed, overwrite=args.overwrite, inpainting=args.inpainting))
     except (OSError, ValueError, ImportError) as exc:
         print(f"engine-tiny: error: {exc}", file=sys.stderr)
         return 2
