@@ -16,7 +16,7 @@ from diffusion_engine.engine.manifest import ManifestError
 from diffusion_engine.runtime import demo
 from diffusion_engine.runtime.backends import BACKENDS
 from diffusion_engine.runtime.pipeline import GenerationResult, Pipeline
-from diffusion_engine.runtime.request import DEFAULT_STRENGTH, RESIZE_MODES
+from diffusion_engine.runtime.request import DEFAULT_STRENGTH, INPAINT_STRENGTH, RESIZE_MODES
 from diffusion_engine.runtime.session import BackendUnavailable
 from diffusion_engine.runtime.samplers import SAMPLERS
 
@@ -42,10 +42,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--width", type=int)
     p.add_argument("--batch", type=int, default=1, help="images to generate")
     p.add_argument("--image", help="img2img: start from this picture (its size is the default size)")
-    p.add_argument("--strength", type=float, default=DEFAULT_STRENGTH,
-                   help=f"img2img: how much of the schedule reruns, in (0, 1] (default {DEFAULT_STRENGTH})")
+    p.add_argument("--strength", type=float,
+                   help=f"img2img: how much of the schedule reruns, in (0, 1] (default {DEFAULT_STRENGTH}; "
+                        f"{INPAINT_STRENGTH} with --mask)")
+    p.add_argument("--mask", help="inpainting: repaint where this grayscale picture (the --image's size) is white, "
+                                  "keep where it is black")
+    p.add_argument("--no-keep-unmasked", action="store_true",
+                   help="inpainting: return the decoded image as is (default: paste the --image's own pixels back "
+                        "outside the mask)")
     p.add_argument("--resize-mode", choices=RESIZE_MODES,
-                   help="img2img: fit an --image of another size than --height x --width (default: refuse)")
+                   help="img2img: fit an --image (and --mask) of another size than --height x --width (default: refuse)")
     p.add_argument("--out", default="out.png", help="PNG path; with --batch N > 1, -0, -1, ... are added")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto: trt with a GPU, TensorRT and built plans, else ort-cuda, else ort-cpu")
@@ -99,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
                 args.prompt, args.negative_prompt, steps=args.steps, guidance_scale=args.guidance,
                 scheduler=args.scheduler, seed=args.seed, height=args.height, width=args.width,
                 batch_size=args.batch, progress=bar.update, guidance_rescale=args.guidance_rescale,
-                image=args.image, strength=args.strength, resize_mode=args.resize_mode,
+                image=args.image, strength=args.strength, resize_mode=args.resize_mode, mask=args.mask,
+                keep_unmasked=not args.no_keep_unmasked,
             )
     except (ValueError, ManifestError, demo.DemoError, BackendUnavailable) as exc:
         print(f"engine-run: error: {exc}", file=sys.stderr)

@@ -24,10 +24,10 @@ from diffusion_engine.engine.specs import (
     LATENT_MEAN,
     LATENT_STD,
     LATENTS,
-    STEP_GUIDED,
+    MASK,
+    MASKED_IMAGE_LATENTS,
     STEP_GRAPHS,
     STEP_RESCALED,
-    STEP_UNGUIDED,
     TEXT_EMBEDS,
     TEXT_ENCODER,
     TIME_IDS,
@@ -35,20 +35,28 @@ from diffusion_engine.engine.specs import (
     VAE_DECODER,
     VAE_ENCODER,
     FamilyDefaults,
+    StepFeatures,
 )
 from diffusion_engine.runtime.backends import Components, open_components, pick_backend
 from diffusion_engine.runtime.denoise import Progress, loop_inputs
 from diffusion_engine.runtime.samplers import SAMPLERS, SamplerPlan, default_sampler, img2img_plan, make_plan
 from diffusion_engine.runtime.request import (
     DEFAULT_STRENGTH,
+    INPAINT_STRENGTH,
     GenerationRequest,
     Job,
+    binary_mask,
+    check_mask_size,
+    check_repaints,
     check_resize_mode,
     check_seed,
     check_strength,
     fit_image,
     image_pixels,
     initial_noise,
+    latent_mask,
+    mask_pixels,
+    masked_pixels,
     prompt_lists,
 )
 from diffusion_engine.runtime.tokenizer import PromptTokenizer
@@ -69,7 +77,7 @@ class GenerationResult:
 
 
 class Pipeline:
-    """Text-to-image and image-to-image generation from an engine directory; thread-safe, no torch."""
+    """Text-to-image, image-to-image and inpainting from an engine directory; thread-safe, no torch."""
 
     def __init__(self, engine_dir: Path, manifest: Manifest, components: Components):
         self.engine_dir = engine_dir
@@ -161,8 +169,8 @@ class Pipeline:
         seed: int | None = None, height: int | None = None, width: int | None = None, batch_size: int = 1,
         latents: np.ndarray | None = None, progress: Progress | None = None, guidance_rescale: float = 0.0,
         original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] | None = None,
-        target_size: tuple[int, int] | None = None, image: Any = None, strength: float = DEFAULT_STRENGTH,
-        resize_mode: str | None = None,
+        target_size: tuple[int, int] | None = None, image: Any = None, strength: float | None = None,
+        resize_mode: str | None = None, mask: Any = None, keep_unmasked: bool = True,
     ) -> GenerationResult:
         """Generate batch_size images per prompt: the keyword form of `run(GenerationRequest(...))`.
 
@@ -176,7 +184,8 @@ class Pipeline:
         return self.run(GenerationRequest(**{k: given[k] for k in GenerationRequest.field_names()}), progress)
 
     def run(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationResult:
-        """One request through the stages: checks, text, latents (noise, or the noised image), loop, decode."""
+        """One request through the stages: checks, text, latents (noise, the noised image, the inpainting
+        set-up), loop, decode."""
         start = time.perf_counter()
         job = self.prepare(request)  # every check, before any model runs
         timings: dict[str, float] = {}
@@ -184,19 +193,24 @@ class Pipeline:
         # GPU backends run on one stream: one request at a time there (the lock is a no-op on CPU).
         with self.components.lock:
             static = self._encode_text(job, ids, timings)
-            image_latents = self._encode_image(job, timings)
-            final = self._denoise(job, static, image_latents, progress, timings)
+            image_latents, masked_latents = self._encode_image(job, timings)
+            final = self._denoise(job, static, image_latents, masked_latents, progress, timings)
             t = time.perf_counter()
             pixels = np.asarray(self.sessions[VAE_DECODER].run({LATENTS: final})[IMAGES])  # the one device->host copy
             timings["vae_decoder"] = time.perf_counter() - t
+        if job.pixel_mask is not None and request.keep_unmasked:  # the kept pixels are the image's own
+            pixels = np.where(job.pixel_mask[None, :, :, None] > 0, pixels, job.pixels).astype(np.uint8)
         timings["total"] = time.perf_counter() - start
         return GenerationResult([Image.fromarray(p) for p in pixels], pixels, job.seed, timings, job.parameters())
 
     def prepare(self, request: GenerationRequest) -> Job:
         """Check a request against this engine and fill in its defaults; draws the initial noise. No model runs."""
         r = request
+        if not isinstance(r.keep_unmasked, bool):
+            raise ValueError(f"keep_unmasked must be True or False, got {r.keep_unmasked!r}")
         prompts, negatives = prompt_lists(r.prompt, r.negative_prompt)
         pixels = self._image(r)
+        levels = self._mask(r, pixels)
         size = pixels.shape[:2] if pixels is not None else (None, None)
         steps, guidance_scale, scheduler, height, width = self._settings(
             r.steps, r.guidance_scale, r.scheduler, size[0] if r.height is None else r.height,
@@ -207,30 +221,47 @@ class Pipeline:
         size_ids = self._size_ids(height, width, r.original_size, r.crops_coords_top_left, r.target_size)
         strength = None
         if pixels is not None:
-            check_strength(r.strength, steps, scheduler)
-            strength, pixels = float(r.strength), fit_image(pixels, height, width, r.resize_mode)[None]
+            strength = (DEFAULT_STRENGTH if levels is None else INPAINT_STRENGTH) if r.strength is None else r.strength
+            check_strength(strength, steps, scheduler)
+            strength, pixels = float(strength), fit_image(pixels, height, width, r.resize_mode)[None]
+        dims, f = self.manifest.dims, self.manifest.dims.vae_scale_factor
+        binary = None
+        if levels is not None:
+            binary = binary_mask(fit_image(levels, height, width, r.resize_mode))
+            check_repaints(binary, f)
+        elif dims.inpainting:  # an inpainting UNet without a mask repaints everything (A1111's rule)
+            binary = np.ones((height, width), np.float32)
         plan = self._sampler_plan(scheduler, steps, strength)
         seed = check_seed(r.seed)
         if seed is None and r.latents is None:
             seed = int(np.random.SeedSequence().generate_state(1)[0])
         rng = np.random.default_rng(seed)
-        f = self.manifest.dims.vae_scale_factor
-        latent = (self.manifest.dims.latent_channels, height // f, width // f)
-        # Draws in diffusers' order: the encoder posterior's sample, the initial noise, then per-step noise.
-        posterior_noise = rng.standard_normal((1,) + latent, dtype=np.float32) if pixels is not None else None
+        latent = (dims.latent_channels, height // f, width // f)
+        # Draws in diffusers' order: the image's posterior sample (where its latents are used), the
+        # initial noise, the masked image's posterior sample (an inpainting UNet), then per-step noise.
+        uses_image = pixels is not None and not (dims.inpainting and strength == 1.0)
+        posterior_noise = rng.standard_normal((1,) + latent, dtype=np.float32) if uses_image else None
         noise = initial_noise(r.latents, (n,) + latent, rng)
+        masked, masked_noise = None, None
+        if dims.inpainting:
+            base = pixels[0] if pixels is not None else np.full((height, width, 3), 128, np.uint8)
+            masked = masked_pixels(base, binary)[None]
+            masked_noise = rng.standard_normal((1,) + latent, dtype=np.float32)
         # Guidance is a doubled UNet batch, except where the UNet embeds it (LCM: timestep_cond).
-        guided = self.manifest.dims.cfg_batch == 2 and guidance_scale > 1.0
+        guided = dims.cfg_batch == 2 and guidance_scale > 1.0
         return Job(r, prompts, negatives, steps, guidance_scale, scheduler, height, width, n, size_ids, plan, seed,
                    rng, noise, guided, r.guidance_rescale if guided and r.guidance_rescale > 0 else None,
-                   pixels, posterior_noise, self.backend, self.manifest.family)
+                   pixels, posterior_noise, self.backend, self.manifest.family, strength,
+                   None if binary is None else latent_mask(binary, f), masked, masked_noise,
+                   binary if levels is not None else None)
 
     def _image(self, r: GenerationRequest) -> np.ndarray | None:
         """The request's init image as uint8 HxWx3, checked (this engine must have a VAE encoder)."""
         check_resize_mode(r.resize_mode)
         if r.image is None:
-            if r.resize_mode is not None:
-                raise ValueError("resize_mode applies to an init image; this request has no image")
+            for name in ("resize_mode", "strength", "mask"):
+                if getattr(r, name) is not None:
+                    raise ValueError(f"{name} applies to an init image (image=...); this request has no image")
             return None
         if VAE_ENCODER not in self.sessions:
             raise ValueError(
@@ -240,6 +271,19 @@ class Pipeline:
         if isinstance(r.image, (list, tuple)):
             raise ValueError("image must be one image (a PIL image, a file or a uint8 HxWx3 array), not a list")
         return image_pixels(r.image)
+
+    def _mask(self, r: GenerationRequest, pixels: np.ndarray | None) -> np.ndarray | None:
+        """The request's inpainting mask as uint8 levels, the init image's size, where this engine can inpaint."""
+        if r.mask is None:
+            return None
+        masked_step = StepFeatures(masked=True).name
+        if not self.manifest.dims.inpainting and masked_step not in self.sessions:
+            raise ValueError(
+                f"this engine has no {masked_step} graph (exported before inpainting); export it again to use mask=..."
+            )
+        levels = mask_pixels(r.mask)
+        check_mask_size(levels, pixels.shape[:2])
+        return levels
 
     def _tokenize(self, job: Job, timings: dict[str, float]) -> dict[str, np.ndarray]:
         """Token ids of each prompt once per image, in the UNet's batch order (so no host op touches the
@@ -256,22 +300,34 @@ class Pipeline:
         timings["text_encoder"] = time.perf_counter() - t
         return static
 
-    def _encode_image(self, job: Job, timings: dict[str, float]) -> np.ndarray | None:
-        """img2img's clean latents: a sample of the encoder's posterior (diffusers' retrieve_latents), one per image."""
-        if job.pixels is None:
-            return None
+    def _encode_image(self, job: Job, timings: dict[str, float]) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The image's clean latents (img2img, inpainting) and an inpainting UNet's masked-image latents:
+        samples of the encoder's posterior (diffusers' retrieve_latents), one per image; None where unused."""
         t = time.perf_counter()
-        out = self.sessions[VAE_ENCODER].run({IMAGES: job.pixels})
+        image = self._posterior_sample(job.pixels, job.posterior_noise, job.n)
+        masked = self._posterior_sample(job.masked_pixels, job.masked_posterior_noise, job.n)
+        if image is not None or masked is not None:
+            timings["vae_encoder"] = time.perf_counter() - t
+        return image, masked
+
+    def _posterior_sample(self, pixels: np.ndarray | None, eps: np.ndarray | None, n: int) -> np.ndarray | None:
+        if pixels is None or eps is None:
+            return None
+        out = self.sessions[VAE_ENCODER].run({IMAGES: pixels})
         mean, std = np.asarray(out[LATENT_MEAN], np.float64), np.asarray(out[LATENT_STD], np.float64)
-        sample = mean + std * job.posterior_noise
-        timings["vae_encoder"] = time.perf_counter() - t
-        return np.repeat(sample, job.n, axis=0)
+        return np.repeat(mean + std * eps, n, axis=0)
 
     def _denoise(self, job: Job, static: dict[str, Any], image_latents: np.ndarray | None,
-                 progress: Progress | None, timings: dict[str, float]) -> Any:
-        loop = self.components.loop(STEP_RESCALED if job.rescale else STEP_GUIDED if job.guided else STEP_UNGUIDED)
+                 masked_latents: np.ndarray | None, progress: Progress | None, timings: dict[str, float]) -> Any:
+        blend = job.mask is not None and not self.manifest.dims.inpainting
+        loop = self.components.loop(StepFeatures(job.guided, job.rescale is not None, blend).name)
+        mask = None if job.mask is None else np.repeat(job.mask, job.n, axis=0)
+        if masked_latents is not None:  # an inpainting UNet's own inputs, in the UNet's (doubled) batch
+            rows = 2 if job.guided else 1
+            static = {**static, MASK: np.concatenate([mask] * rows),
+                      MASKED_IMAGE_LATENTS: np.concatenate([masked_latents.astype(np.float32)] * rows)}
         inputs = loop_inputs(job.plan, job.noise, static, job.guidance_scale if job.guided else None, job.rng,
-                             job.rescale, image_latents)
+                             job.rescale, image_latents, mask if blend else None, job.pure_noise_start)
         t = time.perf_counter()
         final, spent = loop.run(inputs, progress)
         timings["denoise"] = time.perf_counter() - t

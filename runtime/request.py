@@ -1,4 +1,4 @@
-"""One generation request as a frozen value, and the input image's checks and resize modes."""
+"""One generation request as a frozen value, and the input image's and mask's checks and resize modes."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from diffusion_engine.runtime.samplers import SamplerPlan, img2img_start
 # fit, then fill the borders with the image's edge pixels.
 RESIZE_MODES = ("just-resize", "crop-and-resize", "resize-and-fill")
 DEFAULT_STRENGTH = 0.8  # diffusers' img2img default
+INPAINT_STRENGTH = 1.0  # diffusers' inpainting default: the masked region starts from pure noise
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
 @dataclass(frozen=True, eq=False)
@@ -22,9 +24,13 @@ class GenerationRequest:
     """Everything one `Pipeline.generate` call asks for; None means the engine's default.
 
     `image` (PIL image, HxWx3 uint8 array or a path) starts from that image (img2img): `strength` in
-    (0, 1] is how much of the schedule reruns; its size must be the request's (height and width
-    default to it) unless `resize_mode` (RESIZE_MODES) says how to fit it. `latents` is the initial
-    noise. SDXL size conditioning: original_size, crops_coords_top_left, target_size.
+    (0, 1] is how much of the schedule reruns (None: 0.8, or 1.0 with a mask); its size must be the
+    request's (height and width default to it) unless `resize_mode` (RESIZE_MODES) says how to fit it.
+    `mask` (with an image; grayscale, the image's size, fitted as it is) repaints where it is white
+    (>= 128) and keeps the rest: see `mask_pixels`; with `keep_unmasked` the kept pixels are the
+    image's own, pasted back after decoding (A1111's overlay; False: the decoded image as diffusers
+    returns it, where the VAE's round trip changes them a little). `latents` is the initial noise. SDXL size
+    conditioning: original_size, crops_coords_top_left, target_size.
     """
 
     prompt: str | Sequence[str]
@@ -42,25 +48,37 @@ class GenerationRequest:
     crops_coords_top_left: tuple[int, int] | None = None
     target_size: tuple[int, int] | None = None
     image: Any = None
-    strength: float = DEFAULT_STRENGTH
+    strength: float | None = None
     resize_mode: str | None = None
+    mask: Any = None
+    keep_unmasked: bool = True
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))
 
 
+def _open(image: Any, what: str) -> Any:
+    """A PIL image read from a path (whole, the file closed), or `image` itself."""
+    if not isinstance(image, (str, Path)):
+        return image
+    try:
+        with Image.open(image) as opened:
+            opened.load()
+            return opened.copy()
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{what} {str(image)!r} cannot be read as an image ({exc})") from exc
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in _ALPHA_MODES or "transparency" in image.info
+
+
 def image_pixels(image: Any) -> np.ndarray:
     """uint8 HxWx3 RGB pixels of a PIL image, an array or a file; an alpha channel is refused, not dropped."""
-    if isinstance(image, (str, Path)):
-        try:
-            with Image.open(image) as opened:
-                opened.load()
-                image = opened.copy()
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"image {str(image)!r} cannot be read as an image ({exc})") from exc
+    image = _open(image, "image")
     if isinstance(image, Image.Image):
-        if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        if _has_alpha(image):
             raise ValueError(
                 f"image has an alpha channel (mode {image.mode}); flatten it onto a background first "
                 "(e.g. Image.alpha_composite) or convert it to RGB"
@@ -73,8 +91,64 @@ def image_pixels(image: Any) -> np.ndarray:
     return array
 
 
+def mask_pixels(mask: Any) -> np.ndarray:
+    """uint8 HxW levels of a mask (a PIL image, a file, a uint8 or bool HxW array); white repaints.
+
+    Colour masks are converted to grayscale (ITU-R 601 luma, as PIL and diffusers do); a mask with an
+    alpha channel is refused (is transparent "keep" or "repaint"? say it in grey levels).
+    """
+    mask = _open(mask, "mask")
+    if isinstance(mask, Image.Image):
+        if _has_alpha(mask):
+            raise ValueError(
+                f"mask has an alpha channel (mode {mask.mode}); give a grayscale mask: white (>= 128) repaints, "
+                "black keeps (e.g. mask.getchannel('A') to repaint where it is opaque)"
+            )
+        return np.asarray(mask.convert("L"))
+    array = np.asarray(mask) if isinstance(mask, np.ndarray) else None
+    if array is None or array.ndim != 2 or array.dtype not in (np.uint8, np.bool_):
+        described = f"{array.dtype} array of shape {array.shape}" if array is not None else type(mask).__name__
+        raise ValueError(f"mask must be a PIL image, a file or a uint8 or bool HxW array, got a {described}")
+    return array.astype(np.uint8) * 255 if array.dtype == np.bool_ else array
+
+
+def binary_mask(levels: np.ndarray) -> np.ndarray:
+    """1.0 where a mask repaints (level >= 128, diffusers' binarisation at 0.5), else 0.0; float32 HxW."""
+    return (levels >= 128).astype(np.float32)
+
+
+def latent_mask(binary: np.ndarray, factor: int) -> np.ndarray:
+    """The mask at latent resolution, float32 [1, 1, h, w]: the top-left pixel of each factor x factor
+    cell (torch's nearest interpolation, as diffusers' prepare_mask_latents)."""
+    return np.ascontiguousarray(binary[::factor, ::factor])[None, None]
+
+
+def check_mask_size(levels: np.ndarray, image_size: tuple[int, int]) -> None:
+    """The mask must be the init image's size (both are then fitted to the request alike)."""
+    if levels.shape != image_size:
+        (h, w), (ih, iw) = levels.shape, image_size
+        raise ValueError(f"mask is {w}x{h} but the image is {iw}x{ih}; give a mask the image's size")
+
+
+def check_repaints(binary: np.ndarray, factor: int) -> None:
+    """The (fitted, binarised) mask repaints something, at pixel and at latent resolution."""
+    if not binary.any():
+        raise ValueError("mask is all black: it marks nothing to repaint (white, >= 128, repaints); "
+                         "leave the mask out for img2img")
+    if not latent_mask(binary, factor).any():
+        raise ValueError(f"mask's white area covers no latent cell (the top-left pixel of a {factor}x{factor} "
+                         f"block); make it at least {factor} pixels wide and tall")
+
+
+def masked_pixels(pixels: np.ndarray, binary: np.ndarray) -> np.ndarray:
+    """An inpainting UNet's conditioning image: the image with the repainted area mid-grey (diffusers:
+    image * (mask < 0.5) in [-1, 1], i.e. level 127.5; uint8 pixels take 128)."""
+    return np.where(binary[..., None] > 0, np.uint8(128), pixels)
+
+
 def fit_image(pixels: np.ndarray, height: int, width: int, resize_mode: str | None) -> np.ndarray:
-    """The pixels at height x width: unchanged if already that size, else per resize_mode (None: an error)."""
+    """The pixels (HxWx3, or HxW levels) at height x width: unchanged if already that size, else per
+    resize_mode (None: an error)."""
     h, w = pixels.shape[:2]
     if (h, w) == (height, width):
         return pixels
@@ -94,7 +168,8 @@ def fit_image(pixels: np.ndarray, height: int, width: int, resize_mode: str | No
         top, left = (sh - height) // 2, (sw - width) // 2
         return scaled[top : top + height, left : left + width]
     top, left = (height - sh) // 2, (width - sw) // 2
-    return np.pad(scaled, ((top, height - sh - top), (left, width - sw - left), (0, 0)), mode="edge")
+    pad = ((top, height - sh - top), (left, width - sw - left)) + ((0, 0),) * (pixels.ndim - 2)
+    return np.pad(scaled, pad, mode="edge")
 
 
 def check_resize_mode(resize_mode: Any) -> None:
@@ -136,9 +211,21 @@ class Job:
     guided: bool
     rescale: float | None
     pixels: np.ndarray | None  # img2img: the init image, uint8 [1, H, W, 3] at the request's size
-    posterior_noise: np.ndarray | None  # img2img: eps of the encoder posterior's sample
+    posterior_noise: np.ndarray | None  # eps of the image's encoder posterior sample, where its latents are used
     backend: str
     family: str
+    strength: float | None  # the image's strength, its default filled in
+    # Inpainting: the mask at latent resolution (1 = repaint), float32 [1, 1, h, w]; for an inpainting
+    # UNet the masked image (uint8 [1, H, W, 3]) and the eps of its posterior sample.
+    mask: np.ndarray | None = None
+    masked_pixels: np.ndarray | None = None
+    masked_posterior_noise: np.ndarray | None = None
+    pixel_mask: np.ndarray | None = None  # the request's own mask, binarised, float32 [H, W]: the paste-back
+
+    @property
+    def pure_noise_start(self) -> bool:
+        """Inpainting at strength 1 starts from noise alone (diffusers' is_strength_max), not the noised image."""
+        return self.mask is not None and self.strength == 1.0
 
     @property
     def per_image(self) -> list[str]:
@@ -159,7 +246,9 @@ class Job:
         if self.size_ids is not None:
             params["time_ids"] = list(self.size_ids)
         if self.pixels is not None:
-            params.update(strength=self.request.strength, resize_mode=self.request.resize_mode)
+            params.update(strength=self.strength, resize_mode=self.request.resize_mode)
+        if self.mask is not None:
+            params["inpainting"] = "inpainting UNet" if self.masked_pixels is not None else "masked blend"
         return params
 
 

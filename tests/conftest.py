@@ -12,17 +12,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # The engine the suite exports: small ranges keep the tiny export and its checks fast.
 MIN_SIZE, MAX_SIZE, MAX_BATCH = 256, 384, 2
+FAMILY_RANGES = (256, 320, 2)  # the other families' engines (tests/test_families.py)
+
+
+# Families whose tests (each needs its own export) run in the slow suite: the turbos share sd2's and
+# SDXL's architectures, LCM's distinct parts are its sampler (tests/test_samplers.py) and embedding.
+SLOW_FAMILIES = ("sd-turbo", "sdxl-turbo", "lcm")
 
 
 def pytest_collection_modifyitems(config, items):
-    """GPU tests skip cleanly where no NVIDIA GPU is visible."""
+    """GPU tests skip cleanly where no NVIDIA GPU is visible; other families' tests are marked slow."""
     from tests.gpu import gpu_skip_reason
 
     reason = gpu_skip_reason()
-    if reason:
-        for item in items:
-            if "gpu" in item.keywords:
-                item.add_marker(pytest.mark.skip(reason=reason))
+    for item in items:
+        if reason and "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if params.get("name") in SLOW_FAMILIES:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +55,40 @@ def tiny_engine(tiny_checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("engines") / "tiny"
     export_engine(str(tiny_checkpoint), out, ExportOptions(BuildRanges(MIN_SIZE, MAX_SIZE, MAX_BATCH)))
     return out
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory, tiny_checkpoint, tiny_engine):
+    """family -> (checkpoint, engine dir): sd1 from conftest, the others built and exported on first use."""
+    from diffusion_engine.engine.specs import BuildRanges
+    from diffusion_engine.export.exporter import ExportOptions, export_engine
+    from diffusion_engine.train.tiny import build_tiny
+
+    built = {"sd1": (tiny_checkpoint, tiny_engine)}
+    root = tmp_path_factory.mktemp("families")
+
+    def get(name: str) -> tuple[Path, Path]:
+        if name not in built:
+            ckpt = build_tiny(name, root / f"ckpt-{name}", seed=0)
+            export_engine(str(ckpt), root / f"engine-{name}", ExportOptions(BuildRanges(*FAMILY_RANGES)))
+            built[name] = ckpt, root / f"engine-{name}"
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def pipelines():
+    """Open engines, one per engine dir, for the session."""
+    from diffusion_engine.runtime.pipeline import Pipeline
+
+    opened: dict = {}
+
+    def get(engine: Path):
+        if engine not in opened:
+            opened[engine] = Pipeline.load(engine)
+        return opened[engine]
+
+    yield get
+    for p in opened.values():
+        p.close()

@@ -27,7 +27,7 @@ from diffusers import (
 from diffusers.schedulers import scheduling_euler_ancestral_discrete, scheduling_lcm
 
 from diffusion_engine.engine.manifest import read_manifest
-from diffusion_engine.engine.specs import FAMILY_DEFAULTS, BuildRanges, FamilyDefaults
+from diffusion_engine.engine.specs import FAMILY_DEFAULTS, STEP_GRAPHS, BuildRanges, FamilyDefaults
 from diffusion_engine.export.checkpoint import CheckpointError, load_checkpoint
 from diffusion_engine.export.exporter import ExportOptions, export_engine, fp32_reason
 from diffusion_engine.export.families import detect_family
@@ -38,12 +38,13 @@ from diffusion_engine.runtime.pipeline import Pipeline, guidance_embedding, runt
 from diffusion_engine.runtime.samplers import SAMPLERS, STOCHASTIC, make_plan
 from diffusion_engine.runtime.session import OrtCpuSession
 from diffusion_engine.runtime.tokenizer import PromptTokenizer
+from tests.conftest import FAMILY_RANGES
 from tests.test_pipeline import psnr
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 
 PROMPT = "a red circle on a blue background"
-RANGES = BuildRanges(256, 320, 2)
+RANGES = BuildRanges(*FAMILY_RANGES)
 SCHEDULERS = {
     "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteScheduler,
     "dpmpp_2m": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler, "lcm": LCMScheduler,
@@ -59,37 +60,6 @@ CASES = {
     "lcm": [("lcm", 4, 8.5), ("lcm", 2, 3.0), ("ddim", 4, 8.5), ("dpmpp_2m", 4, 8.5), ("euler", 4, 8.5)],
 }
 FAMILY_CASES = [(f, *case) for f, cases in CASES.items() for case in cases]
-
-
-@pytest.fixture(scope="session")
-def family(tmp_path_factory, tiny_checkpoint, tiny_engine):
-    """family -> (checkpoint, engine dir): sd1 from conftest, the others built and exported on first use."""
-    built = {"sd1": (tiny_checkpoint, tiny_engine)}
-    root = tmp_path_factory.mktemp("families")
-
-    def get(name: str) -> tuple[Path, Path]:
-        if name not in built:
-            ckpt = build_tiny(name, root / f"ckpt-{name}", seed=0)
-            export_engine(str(ckpt), root / f"engine-{name}", ExportOptions(RANGES))
-            built[name] = ckpt, root / f"engine-{name}"
-        return built[name]
-
-    return get
-
-
-@pytest.fixture(scope="session")
-def pipelines():
-    """Open engines, one per engine dir, for the session."""
-    opened: dict[Path, Pipeline] = {}
-
-    def get(engine: Path) -> Pipeline:
-        if engine not in opened:
-            opened[engine] = Pipeline.load(engine)
-        return opened[engine]
-
-    yield get
-    for p in opened.values():
-        p.close()
 
 
 def reference(ckpt: Path, family_name: str, sampler: str):
@@ -177,7 +147,8 @@ def test_format_1_manifests_without_family_fields_still_load(family, tmp_path):
     d = json.loads((old / "manifest.json").read_text())
     for key in ("defaults", "tokenizer_2", "force_zeros_for_empty_prompt"):
         del d[key]
-    del d["components"]["step_rescaled"]  # exported before guidance rescale
+    for name in ("step_rescaled", "step_masked", "step_unguided_masked", "step_rescaled_masked"):
+        del d["components"][name]  # exported before guidance rescale and inpainting
     del d["components"]["vae_encoder"]  # and before image requests
     (old / "manifest.json").write_text(json.dumps(d))
     m = read_manifest(old)
@@ -247,8 +218,7 @@ def test_sdxl_tokenizers_both_saved_and_checked(family):
 def test_fp16_graphs_pass_their_check_or_stay_fp32_with_a_reason(family, name):
     _, engine = family(name)
     m = read_manifest(engine)
-    assert set(m.components) == {"text_encoder", "unet", "vae_decoder", "vae_encoder", "step", "step_unguided",
-                                 "step_rescaled"}
+    assert set(m.components) == {"text_encoder", "unet", "vae_decoder", "vae_encoder", *STEP_GRAPHS}
     for component in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
         c = m.components[component]
         for precision, results in c.parity.items():
@@ -284,6 +254,7 @@ def test_lcm_guidance_embedding_matches_diffusers():
         np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-3)
 
 
+@pytest.mark.slow  # exports the lcm family
 def test_lcm_refuses_negative_prompts_and_sd_rejects_size_conditioning(family, pipelines):
     lcm = pipelines(family("lcm")[1])
     with pytest.raises(ValueError, match="negative prompts are not supported by this lcm engine"):
