@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 OUT ?= out
 PROMPT ?= a red circle on a blue background
 
-.PHONY: install demo test test-gpu gpu-check clean
+.PHONY: install demo test test-slow test-gpu gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,9 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
 
 test-gpu: install
 	$(BIN)/python -m pytest -q -m gpu
