@@ -20,7 +20,9 @@ TEXT_EMBEDS = "text_embeds"  # SDXL: the second encoder's pooled projection (a U
 SAMPLE = "sample"
 TIMESTEP = "timestep"
 ENCODER_HIDDEN_STATES = "encoder_hidden_states"
-TIME_IDS = "time_ids"  # SDXL: (original h, w, crop top, left, target h, w) per image
+TIME_IDS = "time_ids"  # SDXL: size conditioning per image (the refiner: size and aesthetic score)
+SIZE_TIME_IDS = 6  # SDXL base: original size, crop top-left, target size
+AESTHETIC_TIME_IDS = 5  # the SDXL refiner: original size, crop top-left, aesthetic score
 TIMESTEP_COND = "timestep_cond"  # LCM: the guidance-scale embedding
 NOISE_PRED = "noise_pred"
 LATENTS = "latents"
@@ -216,16 +218,24 @@ class ModelDims:
     unet_downsample: int  # the UNet's total down factor: latent sizes must be multiples of it
     text_hidden_size: int  # width of the text conditioning the UNet reads (SDXL: both encoders')
     max_text_length: int
-    text_encoders: int = 1  # SDXL: 2, run as one graph
+    text_encoders: int = 1  # SDXL: 2, run as one graph; the SDXL refiner: 1 (the OpenCLIP one) with pooled text
     pooled_size: int = 0  # SDXL: width of the pooled text embedding (the UNet's text_embeds)
-    time_ids_size: int = 0  # SDXL: 6 size-conditioning values per image
+    time_ids_size: int = 0  # SDXL: 6 size-conditioning values per image; the refiner: 5 (AESTHETIC_TIME_IDS)
     timestep_cond_size: int = 0  # LCM: width of the guidance-scale embedding
     # An inpainting UNet (9 input channels in SD): it reads [latents, mask, masked-image latents].
     inpainting: bool = False
 
     def __post_init__(self) -> None:
-        if self.text_encoders not in (1, 2) or (self.text_encoders == 2) != (self.pooled_size > 0):
-            raise ValueError(f"{self}: two text encoders come with a pooled embedding, one without")
+        if self.text_encoders not in (1, 2) or (self.text_encoders == 2 and not self.pooled_size):
+            raise ValueError(f"{self}: one or two text encoders; two come with a pooled embedding")
+        if self.time_ids_size not in (0, SIZE_TIME_IDS, AESTHETIC_TIME_IDS) or bool(self.time_ids_size) != bool(self.pooled_size):
+            raise ValueError(f"{self}: time ids ({SIZE_TIME_IDS} size ids, or {AESTHETIC_TIME_IDS} with the aesthetic "
+                             "score) come with a pooled text embedding, as SDXL's added embedding reads both")
+
+    @property
+    def aesthetic(self) -> bool:
+        """The SDXL refiner's time ids: original size, crop top-left, aesthetic score (no target size)."""
+        return self.time_ids_size == AESTHETIC_TIME_IDS
 
     @property
     def size_multiple(self) -> int:
@@ -251,7 +261,8 @@ class ModelDims:
 def component_specs(m: ModelDims) -> dict[str, ComponentSpec]:
     """The text encoder, UNet, VAE decoder and encoder specs of a model (SD1.x/2.x, SDXL, LCM by its dims)."""
     ids = (INPUT_IDS, INPUT_IDS_2)[: m.text_encoders]
-    text = TensorSpec(LAST_HIDDEN_STATE if m.text_encoders == 1 else PROMPT_EMBEDS, "float32",
+    # SDXL's encoders give their penultimate hidden states (prompt_embeds) and a pooled projection.
+    text = TensorSpec(PROMPT_EMBEDS if m.pooled_size else LAST_HIDDEN_STATE, "float32",
                       (BATCH, SEQUENCE, m.text_hidden_size))
     pooled = (TensorSpec(TEXT_EMBEDS, "float32", (BATCH, m.pooled_size)),) if m.pooled_size else ()
     text_encoder = ComponentSpec(
@@ -382,6 +393,7 @@ class FamilyDefaults:
     guidance_scale: float
     scheduler: str | None  # a sampler name; None: the one matching the checkpoint's own scheduler
     steps_range: tuple[int, int] = (1, MAX_EVALUATIONS)  # what the family is distilled for; outside: a warning
+    strength: float = 0.8  # img2img without a strength (diffusers' StableDiffusionImg2ImgPipeline default)
 
 
 FAMILY_DEFAULTS: Mapping[str, FamilyDefaults] = {
@@ -393,5 +405,10 @@ FAMILY_DEFAULTS: Mapping[str, FamilyDefaults] = {
     "sdxl-turbo": FamilyDefaults(512, 1, 0.0, "euler_a", (1, 4)),
     # Latent consistency distillation: 2-8 steps, guidance embedded in the UNet (diffusers' defaults).
     "lcm": FamilyDefaults(512, 4, 8.5, "lcm", (2, 8)),
+    # The SDXL refiner: an image-to-image model (StableDiffusionXLImg2ImgPipeline's defaults), run on an
+    # image or as the last denoising steps of an SDXL base (Pipeline.generate(refiner=...)).
+    "sdxl-refiner": FamilyDefaults(1024, 30, 5.0, None, strength=0.3),
 }
+REFINER_FAMILY = "sdxl-refiner"
+REFINED_FAMILIES = ("sdxl", "sdxl-turbo")  # the bases whose latents the refiner continues
 FAMILIES: tuple[str, ...] = tuple(FAMILY_DEFAULTS)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusion_engine.engine.digest import file_digest
-from diffusion_engine.engine.specs import FAMILY_DEFAULTS, ModelDims
+from diffusion_engine.engine.specs import AESTHETIC_TIME_IDS, FAMILY_DEFAULTS, SIZE_TIME_IDS, ModelDims
 from diffusion_engine.export.errors import CheckpointError
 from diffusion_engine.export.families import SCHEDULER_REQUIREMENTS, detect_family
 
@@ -18,7 +18,6 @@ logger = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
-SIZE_IDS = 6  # SDXL's time_ids: original size, crop top-left, target size
 
 
 @dataclass
@@ -65,10 +64,17 @@ class Checkpoint:
 
 
 def model_dims(pipe: Any) -> ModelDims:
-    """The numbers the component specs need, read from a diffusers pipeline's configs."""
+    """The numbers the component specs need, read from a diffusers pipeline's configs.
+
+    SDXL's pooled text is the second encoder's projection; the SDXL refiner has only that encoder
+    (and tokenizer) and conditions on an aesthetic score instead of the target size.
+    """
     unet = pipe.unet.config
-    encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
-    pooled = int(encoders[1].config.projection_dim) if len(encoders) == 2 else 0
+    second = getattr(pipe, "text_encoder_2", None)
+    encoders = [e for e in (pipe.text_encoder, second) if e is not None]
+    pooled = int(second.config.projection_dim) if second is not None else 0
+    aesthetic = bool(getattr(pipe.config, "requires_aesthetics_score", False))
+    text_time = unet.get("addition_embed_type") == "text_time"
     latent = int(pipe.vae.config.latent_channels)
     if unet.in_channels not in (latent, 2 * latent + 1):
         raise CheckpointError(
@@ -80,15 +86,20 @@ def model_dims(pipe: Any) -> ModelDims:
         vae_scale_factor=2 ** (len(pipe.vae.config.block_out_channels) - 1),
         unet_downsample=2 ** (len(unet.down_block_types) - 1),
         text_hidden_size=sum(int(e.config.hidden_size) for e in encoders),
-        max_text_length=pipe.tokenizer.model_max_length,
+        max_text_length=text_tokenizers(pipe)[0].model_max_length,
         text_encoders=len(encoders),
         pooled_size=pooled,
-        time_ids_size=SIZE_IDS if unet.get("addition_embed_type") == "text_time" else 0,
+        time_ids_size=(AESTHETIC_TIME_IDS if aesthetic else SIZE_TIME_IDS) if text_time else 0,
         timestep_cond_size=int(unet.get("time_cond_proj_dim") or 0),
         inpainting=unet.in_channels == 2 * latent + 1,
     )
     _check_dims(pipe, dims)
     return dims
+
+
+def text_tokenizers(pipe: Any) -> list[Any]:
+    """The tokenizers of the text encoders the engine runs, in input order (the refiner: tokenizer_2 only)."""
+    return [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
 
 
 def _check_dims(pipe: Any, dims: ModelDims) -> None:
@@ -103,14 +114,16 @@ def _check_dims(pipe: Any, dims: ModelDims) -> None:
         given = unet.addition_time_embed_dim * dims.time_ids_size + dims.pooled_size
         expected = pipe.unet.add_embedding.linear_1.in_features
         if given != expected:
+            aesthetic = "" if dims.aesthetic else "out"
             raise CheckpointError(
-                f"the UNet's added embedding takes {expected} features; time ids and pooled text give {given}"
+                f"the UNet's added embedding takes {expected} features; {dims.time_ids_size} time ids (with{aesthetic} "
+                f"requires_aesthetics_score) and pooled text give {given}"
             )
-    tokenizer_2 = getattr(pipe, "tokenizer_2", None)
-    if tokenizer_2 is not None and tokenizer_2.model_max_length != dims.max_text_length:
-        raise CheckpointError(
-            f"the tokenizers' lengths differ: {dims.max_text_length} and {tokenizer_2.model_max_length}"
-        )
+    tokenizers = text_tokenizers(pipe)
+    if len(tokenizers) != dims.text_encoders:
+        raise CheckpointError(f"the checkpoint has {dims.text_encoders} text encoders and {len(tokenizers)} tokenizers")
+    if len({t.model_max_length for t in tokenizers}) > 1:
+        raise CheckpointError(f"the tokenizers' lengths differ: {[t.model_max_length for t in tokenizers]}")
 
 
 def load_checkpoint(source: str, config: str | None = None, family: str | None = None) -> Checkpoint:
@@ -194,9 +207,11 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _family(pipe: Any, path: Path, family: str | None) -> str:
     """The family of an already loaded pipeline (single files), by the same rule as for folders."""
-    index = {"_class_name": type(pipe).__name__, "text_encoder": ["transformers", type(pipe.text_encoder).__name__]}
+    first = pipe.text_encoder
+    index = {"_class_name": type(pipe).__name__,
+             "text_encoder": ["transformers", type(first).__name__] if first is not None else [None, None]}
     configs = {
-        "unet": dict(pipe.unet.config), "text_encoder": pipe.text_encoder.config.to_dict(),
+        "unet": dict(pipe.unet.config), "text_encoder": first.config.to_dict() if first is not None else {},
         "scheduler": {**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__},
     }
     return detect_family(str(path), index, configs, path.name, family)

@@ -66,6 +66,19 @@ class SdxlTextEncoders(torch.nn.Module):
         return prompt_embeds, second.text_embeds
 
 
+class PooledTextEncoder(torch.nn.Module):
+    """The SDXL refiner's one OpenCLIP encoder as diffusers' encode_prompt uses it (SDXL's second encoder
+    alone): input_ids -> (penultimate hidden states, pooled projection)."""
+
+    def __init__(self, text_encoder: torch.nn.Module):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.text_encoder(input_ids.long(), output_hidden_states=True)
+        return out.hidden_states[-2], out.text_embeds
+
+
 class UNet(torch.nn.Module):
     """Conditional UNet: (sample, timestep[1], encoder_hidden_states, *conditioning) -> noise prediction.
 
@@ -146,10 +159,15 @@ def wrap(name: str, pipe: Any) -> torch.nn.Module:
     from diffusion_engine.export.checkpoint import model_dims
 
     spec = component_specs(model_dims(pipe))[name]
-    second = getattr(pipe, "text_encoder_2", None)
+    first, second = pipe.text_encoder, getattr(pipe, "text_encoder_2", None)
+
+    def text_encoder() -> torch.nn.Module:
+        if second is None:
+            return TextEncoder(first)
+        return PooledTextEncoder(second) if first is None else SdxlTextEncoders(first, second)
+
     modules = {
-        TEXT_ENCODER: lambda: TextEncoder(pipe.text_encoder) if second is None else SdxlTextEncoders(
-            pipe.text_encoder, second),
+        TEXT_ENCODER: text_encoder,
         UNET: lambda: UNet(pipe.unet, tuple(t.name for t in spec.inputs[3:])),
         VAE_DECODER: lambda: VaeDecoder(pipe.vae),
         VAE_ENCODER: lambda: VaeEncoder(pipe.vae),

@@ -42,7 +42,7 @@ from diffusion_engine.engine.specs import (
 from diffusion_engine.engine.step_graph import build_step_graph, reference_step
 from diffusion_engine.runtime.samplers import default_sampler
 from diffusion_engine.export import components, fp16, validate
-from diffusion_engine.export.checkpoint import Checkpoint, load_checkpoint
+from diffusion_engine.export.checkpoint import Checkpoint, load_checkpoint, text_tokenizers
 from diffusion_engine.export.tokenizer import TOKENIZER_2_FILE, TOKENIZER_FILE, save_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -92,9 +92,9 @@ def export_engine(
     specs = component_specs(dims)
     with atomic_directory(out, options.overwrite, source, is_engine_directory, "an engine directory") as tmp:
         progress("tokenizer")
-        tokenizer = save_tokenizer(ckpt.pipeline.tokenizer, tmp, TOKENIZER_FILE)
-        second = getattr(ckpt.pipeline, "tokenizer_2", None)
-        tokenizer_2 = save_tokenizer(second, tmp, TOKENIZER_2_FILE) if dims.text_encoders == 2 else None
+        tokenizers = text_tokenizers(ckpt.pipeline)  # the refiner's one is its tokenizer_2
+        tokenizer = save_tokenizer(tokenizers[0], tmp, TOKENIZER_FILE)
+        tokenizer_2 = save_tokenizer(tokenizers[1], tmp, TOKENIZER_2_FILE) if len(tokenizers) == 2 else None
         entries, reports = {}, []
         for name in COMPONENTS:
             progress(name)
@@ -121,13 +121,14 @@ def generation_defaults(ckpt: Checkpoint) -> dict:
     return {
         "size": ckpt.native_size, "steps": d.steps, "guidance_scale": d.guidance_scale,
         "scheduler": d.scheduler or default_sampler(ckpt.scheduler_config), "steps_range": list(d.steps_range),
+        "strength": d.strength,
     }
 
 
 def fp32_reason(ckpt: Checkpoint, name: str, options: ExportOptions) -> str | None:
     """Why a component's GPU graph must stay fp32 whatever its fp16 check says, or None."""
     vae = ckpt.pipeline.vae.config
-    sdxl_vae = name in (VAE_DECODER, VAE_ENCODER) and ckpt.dims.text_encoders == 2
+    sdxl_vae = name in (VAE_DECODER, VAE_ENCODER) and ckpt.dims.time_ids_size > 0  # SDXL base and refiner
     if sdxl_vae and vae.get("force_upcast", True) and not options.fp16_vae:
         # diffusers' SDXL pipelines upcast this VAE for the same reason: its activations overflow fp16.
         return ("the SDXL VAE has force_upcast=True (it overflows fp16 on real latents); "
@@ -245,7 +246,8 @@ def _with_shapes(path: Path) -> onnx.ModelProto:
 
 
 def _vocab(ckpt: Checkpoint) -> int:
-    return int(ckpt.pipeline.text_encoder.config.vocab_size)
+    pipe = ckpt.pipeline
+    return int((pipe.text_encoder or pipe.text_encoder_2).config.vocab_size)
 
 
 def tool_versions() -> dict[str, str]:

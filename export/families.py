@@ -3,9 +3,11 @@
 The rule, in order:
 1. The pipeline class names the architecture: StableDiffusionPipeline (SD 1.x / 2.x),
    StableDiffusionXLPipeline (SDXL base: two text encoders), LatentConsistencyModelPipeline, and
-   the inpainting classes of SD and SDXL (the same families: whether the UNet is an inpainting one,
-   9 input channels, is read from its config at export). Any other class (SD3, Flux, the SDXL
-   refiner, ...) is refused, naming its family.
+   the inpainting and SDXL image-to-image classes (the same families: whether the UNet is an
+   inpainting one, 9 input channels, is read from its config at export). A
+   StableDiffusionXLImg2ImgPipeline without the first text encoder is the SDXL refiner
+   (`sdxl-refiner`: one OpenCLIP encoder, aesthetic-score time ids). Any other class (SD3, Flux,
+   ...) is refused, naming its family.
 2. A UNet with `time_cond_proj_dim` (a guidance-scale embedding input) is LCM-distilled: `lcm`.
 3. SD 2.x is told from SD 1.x by its OpenCLIP text encoder: `gelu` activation (SD 1.x's CLIP uses
    `quick_gelu`) or 1024-wide cross-attention.
@@ -21,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from diffusion_engine.engine.specs import FAMILIES
+from diffusion_engine.engine.specs import FAMILIES, REFINER_FAMILY
 from diffusion_engine.export.errors import CheckpointError
 
 # Architecture (pipeline class) -> the families that share it; the first is the plain one.
@@ -31,13 +33,14 @@ ARCHITECTURES = {
     "LatentConsistencyModelPipeline": ("lcm",),
     "StableDiffusionInpaintPipeline": ("sd1", "sd2", "sd-turbo", "lcm"),
     "StableDiffusionXLInpaintPipeline": ("sdxl", "sdxl-turbo"),
+    "StableDiffusionXLImg2ImgPipeline": ("sdxl", "sdxl-turbo"),  # without text_encoder: the refiner
 }
-SDXL_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLInpaintPipeline")
+REFINER_CLASS = "StableDiffusionXLImg2ImgPipeline"
+SDXL_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLInpaintPipeline", REFINER_CLASS)
 # Pipeline classes of families we do not export, named in the refusal.
 OTHER_FAMILIES = {
     "StableDiffusion3Pipeline": "sd3",
     "FluxPipeline": "flux",
-    "StableDiffusionXLImg2ImgPipeline": "sdxl-refiner",
     "StableDiffusionUpscalePipeline": "sd-upscaler",
     "StableDiffusionDepth2ImgPipeline": "sd2-depth",
     "StableCascadeCombinedPipeline": "stable-cascade",
@@ -73,8 +76,13 @@ def detect_family(
         raise refuse(where, OTHER_FAMILIES.get(cls, cls), f" ({cls})")
     unet, scheduler = configs.get("unet", {}), configs.get("scheduler", {})
     if cls in SDXL_CLASSES and not _has(index, "text_encoder"):
-        raise refuse(where, "sdxl-refiner", " (an SDXL pipeline without the first text encoder)")
-    if unet.get("time_cond_proj_dim"):
+        if cls != REFINER_CLASS:
+            raise CheckpointError(
+                f"{where}: a {cls} without the first text encoder is not supported; an SDXL refiner is "
+                f"exported from its own {REFINER_CLASS} folder (family {REFINER_FAMILY})"
+            )
+        detected = REFINER_FAMILY
+    elif unet.get("time_cond_proj_dim"):
         if cls in SDXL_CLASSES:
             raise refuse(where, "lcm-sdxl", " (an SDXL UNet with a guidance embedding)")
         detected = "lcm"
@@ -93,7 +101,10 @@ def _check_override(where: str, cls: str, detected: str, override: str) -> str:
     """--family: any family of the same architecture; lcm only with its guidance-embedding UNet."""
     if override not in FAMILIES:
         raise CheckpointError(f"--family {override!r} is not a family; valid: {', '.join(FAMILIES)}")
-    allowed = [f for f in ARCHITECTURES[cls] if (f == "lcm") == (detected == "lcm")]
+    if detected == REFINER_FAMILY:
+        allowed = [REFINER_FAMILY]
+    else:
+        allowed = [f for f in ARCHITECTURES[cls] if (f == "lcm") == (detected == "lcm")]
     if override not in allowed:
         raise CheckpointError(
             f"{where}: --family {override} does not fit this checkpoint ({cls}, detected {detected}); "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -13,9 +14,16 @@ from tqdm import tqdm
 
 from diffusion_engine.engine.atomic import check_output_file, run_cli, write_atomic
 from diffusion_engine.engine.manifest import ManifestError
+from diffusion_engine.engine.specs import FAMILY_DEFAULTS, REFINER_FAMILY
 from diffusion_engine.runtime import demo
 from diffusion_engine.runtime.backends import BACKENDS
-from diffusion_engine.runtime.pipeline import GenerationResult, Pipeline
+from diffusion_engine.runtime.pipeline import (
+    AESTHETIC_SCORE,
+    NEGATIVE_AESTHETIC_SCORE,
+    REFINER_START,
+    GenerationResult,
+    Pipeline,
+)
 from diffusion_engine.runtime.request import DEFAULT_STRENGTH, INPAINT_STRENGTH, RESIZE_MODES
 from diffusion_engine.runtime.session import BackendUnavailable
 from diffusion_engine.runtime.samplers import SAMPLERS
@@ -43,13 +51,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1, help="images to generate")
     p.add_argument("--image", help="img2img: start from this picture (its size is the default size)")
     p.add_argument("--strength", type=float,
-                   help=f"img2img: how much of the schedule reruns, in (0, 1] (default {DEFAULT_STRENGTH}; "
-                        f"{INPAINT_STRENGTH} with --mask)")
+                   help=f"img2img: how much of the schedule reruns, in (0, 1] (default {DEFAULT_STRENGTH}, the SDXL "
+                        f"refiner's {FAMILY_DEFAULTS[REFINER_FAMILY].strength}; {INPAINT_STRENGTH} with --mask)")
     p.add_argument("--mask", help="inpainting: repaint where this grayscale picture (the --image's size) is white, "
                                   "keep where it is black")
     p.add_argument("--no-keep-unmasked", action="store_true",
                    help="inpainting: return the decoded image as is (default: paste the --image's own pixels back "
                         "outside the mask)")
+    p.add_argument("--refiner", metavar="DIR",
+                   help="an sdxl-refiner engine: the --engine (an SDXL base) hands its latents over at --refiner-start "
+                        "and the refiner denoises the rest")
+    p.add_argument("--refiner-start", type=float,
+                   help=f"with --refiner: the fraction of the schedule the base runs, in (0, 1) (default {REFINER_START})")
+    p.add_argument("--aesthetic-score", type=float,
+                   help=f"SDXL refiner: the aesthetic score it conditions on (default {AESTHETIC_SCORE})")
+    p.add_argument("--negative-aesthetic-score", type=float,
+                   help=f"SDXL refiner: the unconditional rows' aesthetic score (default {NEGATIVE_AESTHETIC_SCORE})")
     p.add_argument("--resize-mode", choices=RESIZE_MODES,
                    help="img2img: fit an --image (and --mask) of another size than --height x --width (default: refuse)")
     p.add_argument("--out", default="out.png", help="PNG path; with --batch N > 1, -0, -1, ... are added")
@@ -99,14 +116,21 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("diffusion_engine").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         paths = output_paths(args.out, args.batch)
+        if args.refiner_start is not None and args.refiner is None:
+            raise ValueError("--refiner-start applies with --refiner DIR")
         engine = args.engine or demo_engine()
-        with Pipeline.load(engine, backend=args.backend, cuda_graphs=not args.no_cuda_graph) as pipe, StepBar() as bar:
+        with contextlib.ExitStack() as stack:
+            pipe = stack.enter_context(Pipeline.load(engine, backend=args.backend, cuda_graphs=not args.no_cuda_graph))
+            refiner = None if args.refiner is None else stack.enter_context(
+                Pipeline.load(args.refiner, backend=args.backend, cuda_graphs=not args.no_cuda_graph))
+            bar = stack.enter_context(StepBar())
             result = pipe.generate(
                 args.prompt, args.negative_prompt, steps=args.steps, guidance_scale=args.guidance,
                 scheduler=args.scheduler, seed=args.seed, height=args.height, width=args.width,
                 batch_size=args.batch, progress=bar.update, guidance_rescale=args.guidance_rescale,
                 image=args.image, strength=args.strength, resize_mode=args.resize_mode, mask=args.mask,
-                keep_unmasked=not args.no_keep_unmasked,
+                keep_unmasked=not args.no_keep_unmasked, refiner=refiner, refiner_start=args.refiner_start,
+                aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
             )
     except (ValueError, ManifestError, demo.DemoError, BackendUnavailable) as exc:
         print(f"engine-run: error: {exc}", file=sys.stderr)

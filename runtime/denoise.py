@@ -62,17 +62,18 @@ class LoopInputs:
 def loop_inputs(
     plan: SamplerPlan, latents: np.ndarray, unet_static: dict[str, np.ndarray], guidance: float | None,
     rng: np.random.Generator, guidance_rescale: float | None = None, image_latents: np.ndarray | None = None,
-    mask: np.ndarray | None = None, pure_noise_start: bool = False,
+    mask: np.ndarray | None = None, pure_noise_start: bool = False, as_is: bool = False,
 ) -> LoopInputs:
     """Initial state and device tables of one loop; per-step noise drawn from rng after the latents.
 
     `latents` is the initial noise; with `image_latents` (img2img) the loop starts from them noised
-    to the plan's first timestep, unless `pure_noise_start` (inpainting at strength 1). `guidance`
+    to the plan's first timestep, unless `pure_noise_start` (inpainting at strength 1); with `as_is`
+    `latents` are the state itself (a refiner continuing a base's latents: denoising_start). `guidance`
     None runs unguided; `guidance_rescale` (with guidance) feeds the rescaled step graph; `mask`
     ([N, 1, h, w], 1 = repaint, with image_latents) feeds a masked step graph's blend.
     """
     state = np.zeros((STATE_SIZE,) + latents.shape, np.float32)
-    state[0] = initial_latents(plan, latents, None if pure_noise_start else image_latents)
+    state[0] = latents if as_is else initial_latents(plan, latents, None if pure_noise_start else image_latents)
     sample = (plan.input_scales[0] * state[0].astype(np.float64)).astype(np.float32)
     guided = guidance is not None
     if plan.uses_noise.any():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,6 +26,8 @@ from diffusion_engine.engine.specs import (
     LATENTS,
     MASK,
     MASKED_IMAGE_LATENTS,
+    REFINED_FAMILIES,
+    REFINER_FAMILY,
     STEP_GRAPHS,
     STEP_RESCALED,
     TEXT_EMBEDS,
@@ -39,16 +41,25 @@ from diffusion_engine.engine.specs import (
 )
 from diffusion_engine.runtime.backends import Components, open_components, pick_backend
 from diffusion_engine.runtime.denoise import Progress, loop_inputs
-from diffusion_engine.runtime.samplers import SAMPLERS, SamplerPlan, default_sampler, img2img_plan, make_plan
+from diffusion_engine.runtime.samplers import (
+    SAMPLERS,
+    SamplerPlan,
+    default_sampler,
+    denoising_end_plan,
+    denoising_start,
+    img2img_plan,
+    make_plan,
+)
 from diffusion_engine.runtime.request import (
-    DEFAULT_STRENGTH,
     INPAINT_STRENGTH,
     GenerationRequest,
     Job,
     binary_mask,
+    check_fraction,
     check_mask_size,
     check_repaints,
     check_resize_mode,
+    check_score,
     check_seed,
     check_strength,
     fit_image,
@@ -62,6 +73,9 @@ from diffusion_engine.runtime.request import (
 from diffusion_engine.runtime.tokenizer import PromptTokenizer
 
 logger = logging.getLogger(__name__)
+
+REFINER_START = 0.8  # the fraction of the schedule the base runs before the refiner (diffusers' docs' example)
+AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # StableDiffusionXLImg2ImgPipeline's defaults
 
 
 
@@ -113,6 +127,7 @@ class Pipeline:
             guidance_scale=float(d.get("guidance_scale", family.guidance_scale)),
             scheduler=d.get("scheduler") or family.scheduler or default_sampler(m.scheduler_config),
             steps_range=tuple(d.get("steps_range", family.steps_range)),
+            strength=float(d.get("strength", family.strength)),
         )
 
     @property
@@ -171,6 +186,8 @@ class Pipeline:
         original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] | None = None,
         target_size: tuple[int, int] | None = None, image: Any = None, strength: float | None = None,
         resize_mode: str | None = None, mask: Any = None, keep_unmasked: bool = True,
+        aesthetic_score: float | None = None, negative_aesthetic_score: float | None = None,
+        refiner: "Pipeline | None" = None, refiner_start: float | None = None,
     ) -> GenerationResult:
         """Generate batch_size images per prompt: the keyword form of `run(GenerationRequest(...))`.
 
@@ -185,29 +202,128 @@ class Pipeline:
 
     def run(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationResult:
         """One request through the stages: checks, text, latents (noise, the noised image, the inpainting
-        set-up), loop, decode."""
+        set-up), loop, decode; with a refiner, the base's loop hands over to the refiner's stages."""
+        if request.refiner is not None:
+            return self._run_refined(request, progress)
         start = time.perf_counter()
         job = self.prepare(request)  # every check, before any model runs
         timings: dict[str, float] = {}
         ids = self._tokenize(job, timings)
         # GPU backends run on one stream: one request at a time there (the lock is a no-op on CPU).
         with self.components.lock:
-            static = self._encode_text(job, ids, timings)
-            image_latents, masked_latents = self._encode_image(job, timings)
-            final = self._denoise(job, static, image_latents, masked_latents, progress, timings)
-            t = time.perf_counter()
-            pixels = np.asarray(self.sessions[VAE_DECODER].run({LATENTS: final})[IMAGES])  # the one device->host copy
-            timings["vae_decoder"] = time.perf_counter() - t
+            final = self._latents(job, ids, progress, timings)
+            pixels = self._decode(final, timings)
         if job.pixel_mask is not None and request.keep_unmasked:  # the kept pixels are the image's own
             pixels = np.where(job.pixel_mask[None, :, :, None] > 0, pixels, job.pixels).astype(np.uint8)
         timings["total"] = time.perf_counter() - start
         return GenerationResult([Image.fromarray(p) for p in pixels], pixels, job.seed, timings, job.parameters())
+
+    def _latents(self, job: Job, ids: dict[str, np.ndarray], progress: Progress | None, timings: dict[str, float],
+                 handed: np.ndarray | None = None) -> Any:
+        """The text, image and loop stages (the caller holds the lock): the final latents, on the device
+        on GPU backends. `handed`: latents to continue as they are (the refiner after a base)."""
+        static = self._encode_text(job, ids, timings)
+        image_latents, masked_latents = self._encode_image(job, timings)
+        return self._denoise(job, static, image_latents, masked_latents, progress, timings, handed)
+
+    def _decode(self, latents: Any, timings: dict[str, float]) -> np.ndarray:
+        t = time.perf_counter()
+        pixels = np.asarray(self.sessions[VAE_DECODER].run({LATENTS: latents})[IMAGES])  # the one device->host copy
+        timings["vae_decoder"] = time.perf_counter() - t
+        return pixels
+
+    def _run_refined(self, request: GenerationRequest, progress: Progress | None) -> GenerationResult:
+        """The base denoises to refiner_start and hands its latents to the refiner, which denoises the rest
+        and decodes (diffusers' SDXL base + refiner: denoising_end, then denoising_start)."""
+        start = time.perf_counter()
+        base, refined = self.prepare_refined(request)  # both engines' checks, before any model runs
+        refiner: Pipeline = request.refiner
+        first, total = base.plan.num_evaluations, base.plan.num_evaluations + refined.plan.num_evaluations
+        timings: dict[str, float] = {}
+        ids = self._tokenize(base, timings)
+        with self.components.lock:
+            report = None if progress is None else (lambda done, _: progress(done, total))
+            # The hand-over goes through the host (one latent-sized copy): the two engines run on their own streams.
+            handed = np.asarray(self._latents(base, ids, report, timings), np.float32)
+        part: dict[str, float] = {}
+        ids = refiner._tokenize(refined, part)
+        with refiner.components.lock:
+            report = None if progress is None else (lambda done, _: progress(first + done, total))
+            pixels = refiner._decode(refiner._latents(refined, ids, report, part, handed), part)
+        timings.update({f"refiner_{k}" if k != "vae_decoder" else k: v for k, v in part.items()})
+        timings["total"] = time.perf_counter() - start
+        fraction = REFINER_START if request.refiner_start is None else float(request.refiner_start)
+        parameters = {**base.parameters(), "refiner": str(refiner.engine_dir), "refiner_family": refiner.manifest.family,
+                      "refiner_start": fraction, "base_evaluations": first,
+                      "refiner_evaluations": refined.plan.num_evaluations}
+        own = refined.parameters()
+        parameters.update({f"refiner_{k}": own[k] for k in ("time_ids", "negative_time_ids") if k in own})
+        return GenerationResult([Image.fromarray(p) for p in pixels], pixels, base.seed, timings, parameters)
+
+    def prepare_refined(self, request: GenerationRequest) -> tuple[Job, Job]:
+        """The base's job (its plan cut at refiner_start) and the refiner's (its plan from there, the same
+        noise generator), every check of both engines made. No model runs."""
+        r, refiner = request, request.refiner
+        if not isinstance(refiner, Pipeline):
+            raise ValueError(f"refiner must be a Pipeline (Pipeline.load of an {REFINER_FAMILY} engine), "
+                             f"got {type(refiner).__name__}")
+        if refiner.manifest.family != REFINER_FAMILY:
+            raise ValueError(f"refiner: {refiner.engine_dir} is a {refiner.manifest.family} engine, not an "
+                             f"{REFINER_FAMILY} one")
+        if self.manifest.family not in REFINED_FAMILIES:
+            raise ValueError(f"refiner: the SDXL refiner continues an SDXL base ({', '.join(REFINED_FAMILIES)}); "
+                             f"this is a {self.manifest.family} engine")
+        ours, theirs = self.manifest.dims, refiner.manifest.dims
+        if (ours.latent_channels, ours.vae_scale_factor) != (theirs.latent_channels, theirs.vae_scale_factor):
+            raise ValueError(f"refiner: its latents ({theirs.latent_channels} channels, factor {theirs.vae_scale_factor}) "
+                             f"are not this engine's ({ours.latent_channels}, factor {ours.vae_scale_factor})")
+        if r.mask is not None:
+            raise ValueError("refiner= with mask= is not supported; inpaint with the base, then refine the result "
+                             "(the refiner's own generate(image=..., strength=...))")
+        fraction = check_fraction("refiner_start", REFINER_START if r.refiner_start is None else r.refiner_start)
+        base = self.prepare(replace(r, refiner=None, refiner_start=None, aesthetic_score=None,
+                                    negative_aesthetic_score=None))
+        try:
+            base = replace(base, plan=denoising_end_plan(base.plan, self.manifest.scheduler_config, fraction))
+        except ValueError as exc:
+            raise ValueError(f"refiner_start {fraction}: {exc}") from exc
+        return base, refiner._continuation(r, base, fraction)
+
+    def _continuation(self, r: GenerationRequest, base: Job, fraction: float) -> Job:
+        """This (refiner) engine's job continuing `base` from `fraction` of the schedule: the base's prompts,
+        steps, sampler, guidance, size and noise generator; the refiner's own scheduler config and time ids."""
+        self._check(base.steps, base.guidance_scale, base.scheduler, base.height, base.width, r.batch_size, base.n)
+        self._check_conditioning(base.negatives, r.guidance_rescale)
+        config = self.manifest.scheduler_config
+        if base.scheduler == "lcm":
+            raise ValueError("refiner: the lcm sampler does not continue another model's latents; choose another scheduler")
+        try:
+            plan = make_plan(base.scheduler, config, base.steps, denoising_start(base.scheduler, config, base.steps, fraction))
+        except ValueError as exc:
+            raise ValueError(f"refiner_start {fraction}: {exc}") from exc
+        if plan.num_evaluations > self._max_evaluations:
+            raise ValueError(f"steps {base.steps}: the refiner's step graphs take at most {self._max_evaluations} "
+                             "evaluations")
+        size_ids, negative_ids = self._size_ids(base.height, base.width, r.original_size, r.crops_coords_top_left,
+                                                None, r.aesthetic_score, r.negative_aesthetic_score)
+        guided = self.manifest.dims.cfg_batch == 2 and base.guidance_scale > 1.0
+        return Job(r, base.prompts, base.negatives, base.steps, base.guidance_scale, base.scheduler, base.height,
+                   base.width, base.n, size_ids, plan, base.seed, base.rng, None, guided,
+                   r.guidance_rescale if guided and r.guidance_rescale > 0 else None, None, None, self.backend,
+                   self.manifest.family, None, negative_size_ids=negative_ids)
 
     def prepare(self, request: GenerationRequest) -> Job:
         """Check a request against this engine and fill in its defaults; draws the initial noise. No model runs."""
         r = request
         if not isinstance(r.keep_unmasked, bool):
             raise ValueError(f"keep_unmasked must be True or False, got {r.keep_unmasked!r}")
+        if r.refiner is not None:
+            raise ValueError("a request with a refiner runs through run() / generate(), which prepare both engines")
+        if r.refiner_start is not None:
+            raise ValueError("refiner_start applies with refiner=...; this request has no refiner")
+        if self.manifest.family == REFINER_FAMILY and r.image is None:
+            raise ValueError(f"this {REFINER_FAMILY} engine refines images: pass image=... (with strength), or use it "
+                             "as refiner= of an SDXL base's generate")
         prompts, negatives = prompt_lists(r.prompt, r.negative_prompt)
         pixels = self._image(r)
         levels = self._mask(r, pixels)
@@ -218,10 +334,12 @@ class Pipeline:
         n = len(prompts) * r.batch_size
         self._check(steps, guidance_scale, scheduler, height, width, r.batch_size, n)
         self._check_conditioning(negatives, r.guidance_rescale)
-        size_ids = self._size_ids(height, width, r.original_size, r.crops_coords_top_left, r.target_size)
+        size_ids, negative_ids = self._size_ids(height, width, r.original_size, r.crops_coords_top_left, r.target_size,
+                                                r.aesthetic_score, r.negative_aesthetic_score)
         strength = None
         if pixels is not None:
-            strength = (DEFAULT_STRENGTH if levels is None else INPAINT_STRENGTH) if r.strength is None else r.strength
+            default = self.defaults.strength if levels is None else INPAINT_STRENGTH
+            strength = default if r.strength is None else r.strength
             check_strength(strength, steps, scheduler)
             strength, pixels = float(strength), fit_image(pixels, height, width, r.resize_mode)[None]
         dims, f = self.manifest.dims, self.manifest.dims.vae_scale_factor
@@ -253,7 +371,7 @@ class Pipeline:
                    rng, noise, guided, r.guidance_rescale if guided and r.guidance_rescale > 0 else None,
                    pixels, posterior_noise, self.backend, self.manifest.family, strength,
                    None if binary is None else latent_mask(binary, f), masked, masked_noise,
-                   binary if levels is not None else None)
+                   binary if levels is not None else None, negative_ids)
 
     def _image(self, r: GenerationRequest) -> np.ndarray | None:
         """The request's init image as uint8 HxWx3, checked (this engine must have a VAE encoder)."""
@@ -296,7 +414,7 @@ class Pipeline:
     def _encode_text(self, job: Job, ids: dict[str, np.ndarray], timings: dict[str, float]) -> dict[str, Any]:
         t = time.perf_counter()
         empty = [i for i, p in enumerate(job.per_image[: job.n if job.guided else 0]) if not p]
-        static = self._unet_conditioning(ids, empty, job.guidance_scale, job.size_ids)
+        static = self._unet_conditioning(ids, empty, job)
         timings["text_encoder"] = time.perf_counter() - t
         return static
 
@@ -318,7 +436,8 @@ class Pipeline:
         return np.repeat(mean + std * eps, n, axis=0)
 
     def _denoise(self, job: Job, static: dict[str, Any], image_latents: np.ndarray | None,
-                 masked_latents: np.ndarray | None, progress: Progress | None, timings: dict[str, float]) -> Any:
+                 masked_latents: np.ndarray | None, progress: Progress | None, timings: dict[str, float],
+                 handed: np.ndarray | None = None) -> Any:
         blend = job.mask is not None and not self.manifest.dims.inpainting
         loop = self.components.loop(StepFeatures(job.guided, job.rescale is not None, blend).name)
         mask = None if job.mask is None else np.repeat(job.mask, job.n, axis=0)
@@ -326,8 +445,9 @@ class Pipeline:
             rows = 2 if job.guided else 1
             static = {**static, MASK: np.concatenate([mask] * rows),
                       MASKED_IMAGE_LATENTS: np.concatenate([masked_latents.astype(np.float32)] * rows)}
-        inputs = loop_inputs(job.plan, job.noise, static, job.guidance_scale if job.guided else None, job.rng,
-                             job.rescale, image_latents, mask if blend else None, job.pure_noise_start)
+        inputs = loop_inputs(job.plan, job.noise if handed is None else handed, static,
+                             job.guidance_scale if job.guided else None, job.rng, job.rescale, image_latents,
+                             mask if blend else None, job.pure_noise_start, as_is=handed is not None)
         t = time.perf_counter()
         final, spent = loop.run(inputs, progress)
         timings["denoise"] = time.perf_counter() - t
@@ -347,11 +467,8 @@ class Pipeline:
         return (steps, guidance_scale, scheduler or d.scheduler, d.size if height is None else height,
                 d.size if width is None else width)
 
-    def _unet_conditioning(
-        self, ids: dict[str, np.ndarray], zero_rows: list[int], guidance_scale: float,
-        size_ids: tuple[float, ...] | None,
-    ) -> dict[str, Any]:
-        """The UNet inputs fixed for the loop: text (and pooled text), size ids, guidance embedding.
+    def _unet_conditioning(self, ids: dict[str, np.ndarray], zero_rows: list[int], job: Job) -> dict[str, Any]:
+        """The UNet inputs fixed for the loop: text (and pooled text), time ids, guidance embedding.
 
         zero_rows: the unconditional rows of empty negative prompts, zeroed where the checkpoint asks
         (SDXL's force_zeros_for_empty_prompt) as diffusers does.
@@ -364,30 +481,47 @@ class Pipeline:
         if zero_rows and self.manifest.force_zeros_for_empty_prompt:
             static = {k: _zero_rows(v, zero_rows) for k, v in static.items()}
         rows, dims = len(ids[INPUT_IDS]), self.manifest.dims
-        if dims.time_ids_size:
-            static[TIME_IDS] = np.tile(np.asarray(size_ids, np.float32), (rows, 1))
+        if dims.time_ids_size:  # the unconditional rows (first when guided) may have their own (the refiner's)
+            unconditional = job.n if job.guided else 0
+            negative = job.size_ids if job.negative_size_ids is None else job.negative_size_ids
+            static[TIME_IDS] = np.asarray([negative] * unconditional + [job.size_ids] * (rows - unconditional), np.float32)
         if dims.timestep_cond_size:  # LCM: diffusers embeds w = guidance_scale - 1
-            static[TIMESTEP_COND] = guidance_embedding(np.full(rows, guidance_scale - 1.0), dims.timestep_cond_size)
+            static[TIMESTEP_COND] = guidance_embedding(np.full(rows, job.guidance_scale - 1.0), dims.timestep_cond_size)
         return static
 
     def _size_ids(
         self, height: int, width: int, original_size: Any, crops_coords_top_left: Any, target_size: Any,
-    ) -> tuple[float, ...] | None:
-        """SDXL's time ids (original size, crop top-left, target size), checked; None for other families."""
+        aesthetic_score: Any = None, negative_aesthetic_score: Any = None,
+    ) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+        """SDXL's time ids, checked: (original size, crop top-left, target size) for every row; the refiner's
+        (original size, crop top-left, aesthetic score) and its unconditional rows' (..., negative aesthetic
+        score), as diffusers' _get_add_time_ids. (None, None) for other families."""
+        dims, family = self.manifest.dims, self.manifest.family
+        scores = {"aesthetic_score": aesthetic_score, "negative_aesthetic_score": negative_aesthetic_score}
+        if not dims.aesthetic and any(v is not None for v in scores.values()):
+            named = ", ".join(k for k, v in scores.items() if v is not None)
+            raise ValueError(f"{named}: aesthetic-score conditioning is an input of the SDXL refiner; this is a {family} engine")
         given = {"original_size": original_size, "crops_coords_top_left": crops_coords_top_left,
                  "target_size": target_size}
-        if not self.manifest.dims.time_ids_size:
+        if not dims.time_ids_size:
             extra = [k for k, v in given.items() if v is not None]
             if extra:
-                raise ValueError(
-                    f"{', '.join(extra)}: size conditioning is an SDXL input; this is a {self.manifest.family} engine"
-                )
-            return None
+                raise ValueError(f"{', '.join(extra)}: size conditioning is an SDXL input; this is a {family} engine")
+            return None, None
+        if dims.aesthetic and target_size is not None:
+            raise ValueError("target_size: the SDXL refiner conditions on original_size, crops_coords_top_left and "
+                             "aesthetic_score, not on a target size")
         pairs = (original_size or (height, width), crops_coords_top_left or (0, 0), target_size or (height, width))
         for name, pair in zip(given, pairs):
             if len(pair) != 2 or not all(_is_count(v) for v in pair):
                 raise ValueError(f"{name} must be two integers >= 0 (height, width), got {pair!r}")
-        return tuple(float(v) for pair in pairs for v in pair)
+        ids = tuple(float(v) for pair in pairs for v in pair)
+        if not dims.aesthetic:
+            return ids, None
+        positive = check_score("aesthetic_score", AESTHETIC_SCORE if aesthetic_score is None else aesthetic_score)
+        negative = check_score("negative_aesthetic_score",
+                               NEGATIVE_AESTHETIC_SCORE if negative_aesthetic_score is None else negative_aesthetic_score)
+        return ids[:4] + (positive,), ids[:4] + (negative,)
 
     def _check_conditioning(self, negatives: list[str], guidance_rescale: Any) -> None:
         """Guidance rescale in [0, 1] and a step graph for it; no negative prompt where guidance is embedded."""

@@ -14,7 +14,7 @@ from diffusion_engine.runtime.samplers import SamplerPlan, img2img_start
 # A1111's img2img resize modes: stretch to the size; scale to cover, then crop the centre; scale to
 # fit, then fill the borders with the image's edge pixels.
 RESIZE_MODES = ("just-resize", "crop-and-resize", "resize-and-fill")
-DEFAULT_STRENGTH = 0.8  # diffusers' img2img default
+DEFAULT_STRENGTH = 0.8  # diffusers' img2img default (the engine's family may have its own: defaults.strength)
 INPAINT_STRENGTH = 1.0  # diffusers' inpainting default: the masked region starts from pure noise
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
@@ -30,7 +30,11 @@ class GenerationRequest:
     (>= 128) and keeps the rest: see `mask_pixels`; with `keep_unmasked` the kept pixels are the
     image's own, pasted back after decoding (A1111's overlay; False: the decoded image as diffusers
     returns it, where the VAE's round trip changes them a little). `latents` is the initial noise. SDXL size
-    conditioning: original_size, crops_coords_top_left, target_size.
+    conditioning: original_size, crops_coords_top_left, target_size; the SDXL refiner's: original_size,
+    crops_coords_top_left and `aesthetic_score` / `negative_aesthetic_score` (None: 6.0 / 2.5, diffusers').
+    `refiner` (a Pipeline of an sdxl-refiner engine, on an SDXL base) takes over the base's latents at
+    `refiner_start` (a fraction of the schedule in (0, 1); None: 0.8) and denoises the rest: diffusers'
+    base + refiner "ensemble of experts" (denoising_end / denoising_start); it decodes the image.
     """
 
     prompt: str | Sequence[str]
@@ -52,6 +56,10 @@ class GenerationRequest:
     resize_mode: str | None = None
     mask: Any = None
     keep_unmasked: bool = True
+    aesthetic_score: float | None = None
+    negative_aesthetic_score: float | None = None
+    refiner: Any = None
+    refiner_start: float | None = None
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -207,7 +215,9 @@ class Job:
     plan: SamplerPlan
     seed: int | None
     rng: np.random.Generator
-    noise: np.ndarray  # the initial latents (txt2img) or the noise added to the image latents (img2img)
+    # The initial latents (txt2img) or the noise added to the image latents (img2img); None where the
+    # loop continues another model's latents (the refiner after a base).
+    noise: np.ndarray | None
     guided: bool
     rescale: float | None
     pixels: np.ndarray | None  # img2img: the init image, uint8 [1, H, W, 3] at the request's size
@@ -221,6 +231,7 @@ class Job:
     masked_pixels: np.ndarray | None = None
     masked_posterior_noise: np.ndarray | None = None
     pixel_mask: np.ndarray | None = None  # the request's own mask, binarised, float32 [H, W]: the paste-back
+    negative_size_ids: tuple[float, ...] | None = None  # the unconditional rows' time ids where they differ (refiner)
 
     @property
     def pure_noise_start(self) -> bool:
@@ -245,11 +256,29 @@ class Job:
         }
         if self.size_ids is not None:
             params["time_ids"] = list(self.size_ids)
+        if self.negative_size_ids is not None:
+            params["negative_time_ids"] = list(self.negative_size_ids)
         if self.pixels is not None:
             params.update(strength=self.strength, resize_mode=self.request.resize_mode)
         if self.mask is not None:
             params["inpainting"] = "inpainting UNet" if self.masked_pixels is not None else "masked blend"
         return params
+
+
+def check_fraction(name: str, value: Any) -> float:
+    """A fraction of the schedule strictly inside (0, 1) (diffusers' denoising_start / denoising_end)."""
+    number = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool)
+    if not number or not 0 < value < 1:
+        raise ValueError(f"{name} must be a number strictly between 0 and 1, got {value!r}")
+    return float(value)
+
+
+def check_score(name: str, value: Any) -> float:
+    """An aesthetic score: a finite number (the refiner was trained on LAION aesthetic scores, ~1..10)."""
+    number = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool)
+    if not number or not np.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
 
 
 def check_seed(seed: Any) -> int | None:

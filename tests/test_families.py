@@ -284,8 +284,6 @@ def _fake_checkpoint(root: Path, pipeline: str, unet: dict | None = None, **inde
     [
         ("StableDiffusion3Pipeline", None, {}, "sd3"),
         ("FluxPipeline", None, {}, "flux"),
-        ("StableDiffusionXLImg2ImgPipeline", None, {}, "sdxl-refiner"),
-        ("StableDiffusionXLPipeline", {}, {"text_encoder": [None, None]}, "sdxl-refiner"),
         ("StableDiffusionXLPipeline", {"time_cond_proj_dim": 256}, {"text_encoder": ["transformers", "CLIPTextModel"]},
          "lcm-sdxl"),
         ("KolorsPipeline", None, {}, "KolorsPipeline"),
@@ -296,11 +294,24 @@ def test_unsupported_checkpoints_are_refused_naming_the_family(tmp_path, capsys,
     message = f"{family_name} checkpoints are not supported"
     with pytest.raises(CheckpointError, match=message) as info:
         load_checkpoint(str(ckpt))
-    assert "supported families: sd1, sd2, sdxl, sd-turbo, sdxl-turbo, lcm" in str(info.value)
+    assert "supported families: sd1, sd2, sdxl, sd-turbo, sdxl-turbo, lcm, sdxl-refiner" in str(info.value)
     from diffusion_engine.export.cli import main
 
     assert main([str(ckpt), "--out", str(tmp_path / "engine")]) == 1
     assert message in capsys.readouterr().err and not (tmp_path / "engine").exists()
+
+
+@pytest.mark.parametrize("pipeline", ["StableDiffusionXLPipeline", "StableDiffusionXLInpaintPipeline"])
+def test_sdxl_without_its_first_text_encoder_is_refused_unless_a_refiner(tmp_path, pipeline):
+    """A refiner's UNet needs its aesthetic-score time ids: only its own StableDiffusionXLImg2ImgPipeline folder says so."""
+    ckpt = _fake_checkpoint(tmp_path / "ckpt", pipeline, {}, text_encoder=[None, None])
+    with pytest.raises(CheckpointError, match=f"a {pipeline} without the first text encoder is not supported; an SDXL "
+                                              "refiner is exported from its own StableDiffusionXLImg2ImgPipeline folder"):
+        load_checkpoint(str(ckpt))
+    refiner = {"_class_name": "StableDiffusionXLImg2ImgPipeline", "text_encoder": [None, None]}
+    assert detect_family("x", refiner, {}) == "sdxl-refiner"
+    with pytest.raises(CheckpointError, match="--family sdxl does not fit this checkpoint .* as sdxl-refiner"):
+        detect_family("x", refiner, {}, override="sdxl")
 
 
 def test_family_override_stays_within_the_architecture(family):

@@ -1,5 +1,6 @@
-"""Tiny checkpoints of every supported family (SD1.x, SD2.x, SDXL, Turbo, LCM) built in code from a seed,
-and inpainting variants (a 9-channel UNet in the family's inpaint pipeline) of SD1.x, SD2.x and SDXL."""
+"""Tiny checkpoints of every supported family (SD1.x, SD2.x, SDXL, Turbo, LCM, the SDXL refiner) built in
+code from a seed, and inpainting variants (a 9-channel UNet in the family's inpaint pipeline) of SD1.x,
+SD2.x and SDXL."""
 
 from __future__ import annotations
 
@@ -179,6 +180,9 @@ _TINY_SCHEDULERS = {
     "sd-turbo": ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing", "steps_offset": 1}),
     "sdxl-turbo": ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing", "steps_offset": 1}),
     "lcm": ("LCMScheduler", {"original_inference_steps": 50, "set_alpha_to_one": True, "steps_offset": 1}),
+    # The SDXL refiner ships SDXL's Euler set-up. Its VAE and text encoder are the tiny SDXL's (same seed:
+    # the same weights, as the real refiner shares SDXL's VAE and OpenCLIP encoder), so the two hand latents over.
+    "sdxl-refiner": ("EulerDiscreteScheduler", {"timestep_spacing": "leading", "steps_offset": 1}),
 }
 TINY_FAMILIES = ("sd1",) + tuple(_TINY_SCHEDULERS)
 INPAINTING_FAMILIES = ("sd1", "sd2", "sdxl")  # the families diffusers has an inpaint pipeline (and checkpoints) for
@@ -216,9 +220,10 @@ def _tiny_unet(seed: int, family: str, in_channels: int = 4):
 
     xl = family in ("sdxl", "sdxl-turbo")
     extra: dict = {}
-    if xl:  # the added embedding: pooled text (32) + 6 size ids x 8 sinusoidal features
+    if family.startswith("sdxl"):  # the added embedding: pooled text (32) + 6 size ids (refiner: 5) x 8 features
+        ids = 5 if family == "sdxl-refiner" else 6
         extra = {"addition_embed_type": "text_time", "addition_time_embed_dim": 8,
-                 "projection_class_embeddings_input_dim": TINY_TEXT_HIDDEN + 6 * 8}
+                 "projection_class_embeddings_input_dim": TINY_TEXT_HIDDEN + ids * 8}
     if family == "lcm":
         extra = {"time_cond_proj_dim": TINY_TEXT_HIDDEN}
     torch.manual_seed(seed)
@@ -250,8 +255,14 @@ def _tiny_pipeline(family: str, seed: int, inpainting: bool = False):
 
     cls_name, options = _TINY_SCHEDULERS[family]
     scheduler = getattr(diffusers, cls_name).from_config({**_SD_SCHEDULER, **options})
-    unet = _tiny_unet(seed + 1, family, 9 if inpainting else 4)
+    unet = _tiny_unet(seed + (4 if family == "sdxl-refiner" else 1), family, 9 if inpainting else 4)
     parts = {"unet": unet, "vae": _tiny_vae(seed + 2, family), "scheduler": scheduler}
+    if family == "sdxl-refiner":  # no first text encoder; aesthetic-score time ids
+        return diffusers.StableDiffusionXLImg2ImgPipeline(
+            text_encoder=None, tokenizer=None, text_encoder_2=_tiny_text_encoder(seed + 3, "gelu", projection=True),
+            tokenizer_2=_tiny_tokenizer("!"), requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+            add_watermarker=False, **parts,
+        )
     if family.startswith("sdxl"):
         cls = diffusers.StableDiffusionXLInpaintPipeline if inpainting else diffusers.StableDiffusionXLPipeline
         return cls(

@@ -22,8 +22,8 @@ from .plan import STATE_SIZE, Built, SamplerPlan, assemble, run_plan
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SAMPLERS", "STATE_SIZE", "SamplerPlan", "default_sampler", "img2img_plan", "img2img_start", "make_plan",
-           "run_plan"]
+__all__ = ["SAMPLERS", "STATE_SIZE", "SamplerPlan", "default_sampler", "denoising_end_plan", "denoising_start",
+           "img2img_plan", "img2img_start", "make_plan", "run_plan"]
 
 _Builder = Callable[[Mapping[str, Any], int, int], Built]
 
@@ -97,3 +97,43 @@ def img2img_plan(name: str, scheduler_config: Mapping[str, Any], steps: int, str
 def img2img_start(steps: int, strength: float) -> int:
     """The steps img2img skips: diffusers' get_timesteps, steps - min(int(steps * strength), steps)."""
     return steps - min(int(steps * strength), steps)
+
+
+# Samplers whose steps take two UNet evaluations (diffusers' scheduler.order == 2).
+_SECOND_ORDER = ("heun",)
+
+
+def _cutoff(scheduler_config: Mapping[str, Any], fraction: float) -> int:
+    """diffusers' discrete timestep cutoff of a denoising_start / denoising_end fraction."""
+    count = int(scheduler_config.get("num_train_timesteps", 1000))
+    return int(round(count - fraction * count))
+
+
+def denoising_end_plan(plan: SamplerPlan, scheduler_config: Mapping[str, Any], denoising_end: float) -> SamplerPlan:
+    """The evaluations a base runs before it hands over at `denoising_end` (a fraction in (0, 1)): those at
+    timesteps >= the cutoff, as diffusers' SDXL pipelines cut their schedule (the tables of the
+    rest are unchanged, so each kept update is the full schedule's). ValueError if none is left."""
+    kept = int(np.count_nonzero(plan.timesteps >= _cutoff(scheduler_config, denoising_end)))
+    if kept == 0:
+        raise ValueError(f"the switch at {denoising_end} leaves the base no step of {plan.name}'s schedule "
+                         f"(its first timestep is {plan.timesteps[0]:g}); lower refiner_start or raise steps")
+    return plan.head(kept)
+
+
+def denoising_start(name: str, scheduler_config: Mapping[str, Any], steps: int, fraction: float) -> int:
+    """The step a refiner starts at for `denoising_start` = fraction (diffusers' SDXL img2img get_timesteps):
+    it runs the schedule's evaluations below the cutoff (a second-order sampler's whole steps), taking the
+    latents as they are. Pass it to make_plan(start=...). ValueError if it would run none, or all."""
+    full = make_plan(name, scheduler_config, steps)
+    remaining = int(np.count_nonzero(full.timesteps < _cutoff(scheduler_config, fraction)))
+    order = 2 if name in _SECOND_ORDER else 1
+    if order == 2 and remaining % 2 == 0:
+        remaining += 1  # diffusers ends on a corrector: the first kept evaluation is a predictor
+    start = full.num_evaluations - remaining
+    if remaining == 0 or start >= full.num_evaluations:
+        raise ValueError(f"the switch at {fraction} leaves the refiner no step of {steps} {name} steps; "
+                         "raise refiner_start's complement (a lower refiner_start) or steps")
+    if start <= 0:
+        raise ValueError(f"the switch at {fraction} leaves the base no step of {steps} {name} steps; "
+                         "raise refiner_start or steps")
+    return start // order

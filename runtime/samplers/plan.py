@@ -127,6 +127,13 @@ class SamplerPlan:
         the scheduler's add_noise at the plan's first timestep."""
         return float(self.noising[0, 0]), float(self.noising[0, 1])
 
+    def head(self, count: int) -> "SamplerPlan":
+        """The plan's first `count` evaluations (a base that hands its latents to the refiner: denoising_end)."""
+        if not 1 <= count <= self.num_evaluations:
+            raise ValueError(f"{self.name}: cannot keep {count} of {self.num_evaluations} evaluations")
+        return SamplerPlan(self.name, self.timesteps[:count], self.input_scales[:count], self.coeffs[:count],
+                           self.uses_noise[:count], self.init_noise_sigma, self.prediction_type, self.noising[:count])
+
     def blend_table(self) -> np.ndarray:
         """Inpainting's masked blend after each evaluation e, float64 [E, 2]: the kept region becomes
         blend[e, 0] * image latents + blend[e, 1] * initial noise, the image noised to the next
