@@ -197,7 +197,9 @@ def example_feeds(spec: ComponentSpec, dims: Mapping[str, int], seed: int = 0) -
 def export_dims(ranges: Mapping[str, AxisRange], batch: int = 2) -> dict[str, int]:
     """Trace-time axis values: batch >= 2 and pairwise distinct so no axis is specialised.
 
-    An axis whose range is one value (batch 1 without guidance) is static: it takes that value.
+    An axis whose range is one value (batch 1 without guidance) is static: it takes that value. A
+    multiple-of axis is traced at 2 x its multiple or more: traced at 1 x, torch.export would fix its
+    quotient to 1 (its 0/1 specialisation) and refuse the range (e.g. --min-size at the size granule).
     """
     dims: dict[str, int] = {}
     used = {batch}
@@ -206,6 +208,8 @@ def export_dims(ranges: Mapping[str, AxisRange], batch: int = 2) -> dict[str, in
             dims[axis] = min(batch, r.max)
             continue
         value = r.max if axis == "sequence" else r.min
+        if r.multiple > 1 and value < 2 * r.multiple <= r.max:
+            value = 2 * r.multiple
         while value in used and value + r.multiple <= r.max:
             value += r.multiple
         dims[axis] = value

@@ -233,3 +233,36 @@ def test_read_manifest_errors(tiny_engine, tmp_path):
     (copy / "unet.fp16.onnx").unlink()
     with pytest.raises(ManifestError, match="missing: unet.fp16.onnx"):
         read_manifest(copy)
+
+
+def test_trace_dims_keep_every_multiple_axis_dynamic():
+    """A multiple-of axis is never traced at 1 x its multiple (torch.export would fix the quotient to 1)."""
+    from diffusion_engine.engine.specs import AxisRange
+
+    ranges = {"batch": AxisRange(1, 2), "height": AxisRange(16, 64, 16), "width": AxisRange(16, 64, 16),
+              "latent_height": AxisRange(2, 8, 2), "sequence": AxisRange(1, 77), "one": AxisRange(16, 16, 16)}
+    dims = components.export_dims(ranges)
+    print("trace dims at the size granule:", dims)
+    for axis, r in ranges.items():
+        assert r.min <= dims[axis] <= r.max
+        if r.multiple > 1 and r.max >= 2 * r.multiple:
+            assert dims[axis] // r.multiple >= 2, axis
+    assert dims["one"] == 16 and dims["height"] != dims["width"]
+
+
+@pytest.mark.slow
+def test_min_size_at_the_size_granule_exports_and_runs(tiny_checkpoint, tmp_path):
+    """--min-size equal to the granule (VAE factor 8 x UNet downsampling 2 = 16: the UNet's innermost map is
+    1x1 there) exports, passes its parity checks at that size, and generates at it."""
+    from diffusion_engine.runtime.pipeline import Pipeline
+
+    manifest, _ = export_engine(str(tiny_checkpoint), tmp_path / "e",
+                                ExportOptions(BuildRanges(16, 48, 1), fp16=False))
+    checked = {name: [r["dims"] for r in entry.parity["fp32"]] for name, entry in manifest.components.items()
+               if name in ("unet", "vae_encoder")}
+    print("parity shapes:", checked)
+    assert {"latent_height": 2, "latent_width": 2} == {k: checked["unet"][1][k] for k in ("latent_height", "latent_width")}
+    with Pipeline.load(tmp_path / "e") as pipe:
+        small = pipe.generate("a red circle", steps=2, seed=0, height=16, width=16)
+        image = pipe.generate("a red circle", steps=2, seed=0, height=16, width=16, image=small.images[0], strength=0.5)
+    assert small.array.shape == image.array.shape == (1, 16, 16, 3)
