@@ -23,8 +23,8 @@ from diffusion_engine.engine.manifest import (
 )
 from diffusion_engine.engine.specs import (
     COMPONENTS,
-    MASKED_IMAGE_START,
     FAMILY_DEFAULTS,
+    MASKED_IMAGE_START,
     STATE_SIZE,
     STEP,
     TIME_IDS,

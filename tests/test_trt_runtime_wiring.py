@@ -145,7 +145,9 @@ def test_engines_before_the_image_start_graphs_take_the_host_path(fake_gpu, tiny
     ours, d2h, encoder, decoder = generate_image(old, fake_gpu, **kw)
     assert sorted(d2h) == sorted([(a, 4 * 4 * 32 * 32) for a in encoder] + [(decoder, ours.nbytes)])
     graphs, _ = generate(tiny_engine, "ort-cpu", **kw)
-    assert np.abs(graphs.astype(int) - ours.astype(int)).max() <= 1
+    worst = np.abs(graphs.astype(int) - ours.astype(int)).max()
+    print(f"image-start graphs vs the host path (ort-cpu): max abs difference {worst} levels")
+    assert worst <= 1
 
 
 def test_graphs_replay_across_images_and_drop_when_buffers_move(fake_gpu, tiny_engine):
