@@ -343,6 +343,54 @@ def step_specs(m: ModelDims, state_size: int) -> dict[str, ComponentSpec]:
     return {f.name: step_spec(m, state_size, f) for f in step_features(m)}
 
 
+# The image start (img2img, inpainting), generated (engine/start_graph.py): the encoder's posterior
+# sample, repeated to the rows that read it, and the loop's initial values, so that on a GPU backend
+# the encoder's outputs never leave the device (engines before these graphs do this on the host).
+POSTERIOR_NOISE = "posterior_noise"  # eps of the posterior sample: mean + std * eps (diffusers' retrieve_latents)
+# (signal, noise, input scale): state[0] = signal * image latents + noise * initial noise, the first
+# UNet input = input scale * state[0] (doubled when guided).
+START = "start"
+IMAGE_START = "image_start"
+IMAGE_START_UNGUIDED = "image_start_unguided"
+MASKED_IMAGE_START = "masked_image_start"  # an inpainting UNet's masked-image latents, in the mask's rows
+IMAGE_GRAPHS = (IMAGE_START, IMAGE_START_UNGUIDED, MASKED_IMAGE_START)
+
+
+def image_start_name(guided: bool) -> str:
+    """The image-start graph of a guided (doubled UNet batch) or unguided loop."""
+    return IMAGE_START if guided else IMAGE_START_UNGUIDED
+
+
+def _posterior_inputs(m: ModelDims) -> tuple[TensorSpec, ...]:
+    """The encoder's posterior of one image and the eps of its sample."""
+    one = (1, m.latent_channels, LATENT_HEIGHT, LATENT_WIDTH)
+    return tuple(TensorSpec(name, "float32", one) for name in (LATENT_MEAN, LATENT_STD, POSTERIOR_NOISE))
+
+
+def image_graph_specs(m: ModelDims, state_size: int) -> dict[str, ComponentSpec]:
+    """The generated image-start graphs of an engine, by name: the loop's start from an image (guided and
+    unguided) and, for an inpainting UNet, its masked-image latents."""
+    latent = (m.latent_channels, LATENT_HEIGHT, LATENT_WIDTH)
+    exact = Tolerance(fp32=1e-5, fp16=1e-5)
+    specs = {}
+    for guided in (True, False):
+        name = image_start_name(guided)
+        inputs = _posterior_inputs(m) + (TensorSpec(INITIAL_NOISE, "float32", (BATCH,) + latent),
+                                         TensorSpec(START, "float32", (3,)))
+        outputs = (
+            TensorSpec(IMAGE_LATENTS, "float32", (BATCH,) + latent),
+            TensorSpec(STATE, "float32", (state_size, BATCH) + latent),
+            TensorSpec(SAMPLE, "float32", (UNET_BATCH if guided else BATCH,) + latent),
+        )
+        specs[name] = ComponentSpec(name, inputs, outputs, exact)
+    if m.inpainting:  # the mask's rows are the UNet's (doubled) batch
+        specs[MASKED_IMAGE_START] = ComponentSpec(
+            MASKED_IMAGE_START, _posterior_inputs(m) + (TensorSpec(MASK, "float32", (BATCH, 1, LATENT_HEIGHT, LATENT_WIDTH)),),
+            (TensorSpec(MASKED_IMAGE_LATENTS, "float32", (BATCH,) + latent),), exact, batch_factor=m.cfg_batch,
+        )
+    return specs
+
+
 @dataclass(frozen=True)
 class BuildRanges:
     """What an engine is built for: image sizes in pixels and images per batch."""

@@ -38,7 +38,7 @@ STEP_OPSET = 17
 _ONNX_TYPES = {"float32": TensorProto.FLOAT, "int32": TensorProto.INT32}
 
 
-def _value_infos(tensors) -> list[onnx.ValueInfoProto]:
+def value_infos(tensors) -> list[onnx.ValueInfoProto]:
     return [helper.make_tensor_value_info(t.name, _ONNX_TYPES[t.dtype], list(t.axes)) for t in tensors]
 
 
@@ -160,7 +160,7 @@ def build_step_graph(spec: ComponentSpec, features: StepFeatures) -> onnx.ModelP
         helper.make_tensor("zero_index", TensorProto.INT32, [], [0]),
         helper.make_tensor("one", TensorProto.FLOAT, [], [1.0]),
     ]
-    graph = helper.make_graph(nodes, spec.name, _value_infos(spec.inputs), _value_infos(spec.outputs), initializer=inits)
+    graph = helper.make_graph(nodes, spec.name, value_infos(spec.inputs), value_infos(spec.outputs), initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", STEP_OPSET)],
                               producer_name="diffusion-engine")
     model.ir_version = 8

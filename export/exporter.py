@@ -24,6 +24,7 @@ from diffusion_engine.engine.manifest import (
 from diffusion_engine.engine.specs import (
     COMPONENTS,
     FAMILY_DEFAULTS,
+    MASKED_IMAGE_START,
     STATE_SIZE,
     STEP,
     TIME_IDS,
@@ -36,9 +37,11 @@ from diffusion_engine.engine.specs import (
     ModelDims,
     StepFeatures,
     component_specs,
+    image_graph_specs,
     step_features,
     step_spec,
 )
+from diffusion_engine.engine.start_graph import build_start_graph, reference_start
 from diffusion_engine.engine.step_graph import build_step_graph, reference_step
 from diffusion_engine.runtime.samplers import default_sampler
 from diffusion_engine.export import components, fp16, validate
@@ -104,6 +107,9 @@ def export_engine(
         for features in step_features(dims):
             spec = step_spec(dims, STATE_SIZE, features)
             entries[spec.name] = export_step_graph(spec, features, options.ranges.axis_ranges(spec, dims), tmp)
+        progress("image-start graphs")
+        for spec in image_graph_specs(dims, STATE_SIZE).values():
+            entries[spec.name] = export_start_graph(spec, options.ranges.axis_ranges(spec, dims), tmp)
         manifest = Manifest(
             family=ckpt.family, prediction_type=ckpt.prediction_type, dims=dims, build=options.ranges,
             scheduler_config=ckpt.scheduler_config, tokenizer=tokenizer, components=entries,
@@ -192,20 +198,39 @@ def export_one(
 
 def export_step_graph(spec: ComponentSpec, features: StepFeatures, ranges, out: Path) -> ComponentEntry:
     """Generate a step graph, check it against its numpy definition at two shapes, record it."""
-    files = {"fp32": f"{spec.name}.onnx"}
-    components.save_model(build_step_graph(spec, features), out / files["fp32"])
-    session = validate.cpu_session(out / files["fp32"])
-    results = []
-    for i, dims in enumerate(validate.parity_dims(ranges)):
+    def feeds(i: int, dims: dict[str, int]) -> dict[str, np.ndarray]:
         dims = {**dims, "evaluations": 7, "noise_rows": 7 if i else 1, "unet_batch": 2 * dims["batch"]}
         feeds = components.example_feeds(spec, dims, seed=i)
         feeds[STEP] = np.array([6 if i else 2], np.int32)  # a middle step, and the last (the next index clamps)
-        expected = reference_step(feeds, features)
+        return feeds
+
+    return export_generated(spec, build_step_graph(spec, features), lambda f: reference_step(f, features), feeds,
+                            ranges, out, features.parts)
+
+
+def export_start_graph(spec: ComponentSpec, ranges, out: Path) -> ComponentEntry:
+    """Generate an image-start graph, check it against its numpy definition at two shapes, record it."""
+    masked = spec.name == MASKED_IMAGE_START
+    parts = ("posterior sample",) + (("masked-image latents",) if masked else ("initial state", "first UNet input"))
+    return export_generated(spec, build_start_graph(spec), lambda f: reference_start(f, spec),
+                            lambda i, dims: components.example_feeds(spec, dims, seed=i), ranges, out, parts)
+
+
+def export_generated(spec: ComponentSpec, model: onnx.ModelProto, reference: Callable[[dict], dict],
+                     feeds: Callable[[int, dict], dict], ranges, out: Path, parts: tuple[str, ...]) -> ComponentEntry:
+    """Save a generated graph, check it against its numpy definition at two shapes, record it."""
+    files = {"fp32": f"{spec.name}.onnx"}
+    components.save_model(model, out / files["fp32"])
+    session = validate.cpu_session(out / files["fp32"])
+    results = []
+    for i, dims in enumerate(validate.parity_dims(ranges)):
+        example = feeds(i, dims)
+        expected = reference(example)
         ref = {t.name: expected[t.name].astype(np.dtype(t.dtype)) for t in spec.outputs}
-        results.append(validate.check(spec, "fp32", session, feeds, ref, dims).as_dict())
+        results.append(validate.check(spec, "fp32", session, example, ref, dims).as_dict())
     return ComponentEntry.from_spec(
         spec, ranges, files=files, gpu_precision="fp32", parameters=0, parity={"fp32": results},
-        notes=[f"generated: {' + '.join(features.parts)}"],
+        notes=[f"generated: {' + '.join(parts)}"],
     )
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, replace
+from typing import Any, Callable
 
 import numpy as np
 
@@ -92,12 +92,44 @@ def loop_inputs(
     if mask is not None:
         if image_latents is None:
             raise ValueError("the masked blend needs the image latents it keeps")
-        tables.update({MASK: mask.astype(np.float32), IMAGE_LATENTS: image_latents.astype(np.float32),
-                       INITIAL_NOISE: latents.astype(np.float32), BLEND: plan.blend_table().astype(np.float32)})
+        tables.update(blend_tables(plan, mask, image_latents.astype(np.float32), latents))
     return LoopInputs(
         tables=tables, state=state, sample=np.concatenate([sample, sample]) if guided else sample,
         timestep=np.array([plan.timesteps[0]], np.float32), noise=noise, unet_static=unet_static,
     )
+
+
+def blend_tables(plan: SamplerPlan, mask: np.ndarray, image_latents: Any, latents: np.ndarray) -> dict[str, Any]:
+    """The masked blend's step-graph inputs: mask, the float32 image latents it keeps (a backend array),
+    the initial noise they are re-noised with, the blend table."""
+    return {MASK: mask.astype(np.float32), IMAGE_LATENTS: image_latents, INITIAL_NOISE: latents.astype(np.float32),
+            BLEND: plan.blend_table().astype(np.float32)}
+
+
+@dataclass(frozen=True)
+class ImageStart:
+    """The image-start graph's outputs, as backend arrays (on the device for GPU backends)."""
+
+    image_latents: Any  # float32 [N, C, h, w]: the posterior sample, one row per image
+    state: Any  # float32 [K, N, C, h, w]: the loop's initial state
+    sample: Any  # float32 [G*N, C, h, w]: the first UNet input
+
+
+def start_scales(plan: SamplerPlan, pure_noise_start: bool) -> np.ndarray:
+    """The image-start graph's START input, float32 (signal, noise, input scale): the plan's initial state
+    from the image latents and the initial noise (pure noise with `pure_noise_start`), its first input scale."""
+    # initial_latents is linear in (noise, image): its coefficients are its values at the unit vectors.
+    signal = initial_latents(plan, 0.0, None if pure_noise_start else 1.0)
+    noise = initial_latents(plan, 1.0, None if pure_noise_start else 0.0)
+    return np.array([signal, noise, plan.input_scales[0]], np.float32)
+
+
+def with_image_start(x: LoopInputs, start: ImageStart, plan: SamplerPlan, latents: np.ndarray,
+                     mask: np.ndarray | None = None) -> LoopInputs:
+    """Loop inputs that start from the image-start graph's state and first UNet input instead of x's host
+    start (noise alone); with `mask`, the masked blend's tables keep its image latents."""
+    tables = x.tables if mask is None else {**x.tables, **blend_tables(plan, mask, start.image_latents, latents)}
+    return replace(x, state=start.state, sample=start.sample, tables=tables)
 
 
 class HostLoop:

@@ -18,7 +18,10 @@ from diffusion_engine.engine.specs import (
     ENCODER_HIDDEN_STATES,
     EVALUATIONS,
     FAMILY_DEFAULTS,
+    IMAGE_GRAPHS,
+    IMAGE_LATENTS,
     IMAGES,
+    INITIAL_NOISE,
     INPUT_IDS,
     INPUT_IDS_2,
     LATENT_MEAN,
@@ -26,8 +29,13 @@ from diffusion_engine.engine.specs import (
     LATENTS,
     MASK,
     MASKED_IMAGE_LATENTS,
+    MASKED_IMAGE_START,
+    POSTERIOR_NOISE,
     REFINED_FAMILIES,
     REFINER_FAMILY,
+    SAMPLE,
+    START,
+    STATE,
     STEP_GRAPHS,
     STEP_RESCALED,
     TEXT_EMBEDS,
@@ -38,9 +46,10 @@ from diffusion_engine.engine.specs import (
     VAE_ENCODER,
     FamilyDefaults,
     StepFeatures,
+    image_start_name,
 )
 from diffusion_engine.runtime.backends import Components, open_components, pick_backend
-from diffusion_engine.runtime.denoise import Progress, loop_inputs
+from diffusion_engine.runtime.denoise import ImageStart, Progress, loop_inputs, start_scales, with_image_start
 from diffusion_engine.runtime.samplers import (
     SAMPLERS,
     SamplerPlan,
@@ -418,36 +427,70 @@ class Pipeline:
         timings["text_encoder"] = time.perf_counter() - t
         return static
 
-    def _encode_image(self, job: Job, timings: dict[str, float]) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """The image's clean latents (img2img, inpainting) and an inpainting UNet's masked-image latents:
-        samples of the encoder's posterior (diffusers' retrieve_latents), one per image; None where unused."""
+    def _encode_image(self, job: Job, timings: dict[str, float]) -> tuple[Any, Any]:
+        """The image's start (img2img, inpainting) and an inpainting UNet's masked-image latents in the UNet's
+        batch, from samples of the encoder's posterior (diffusers' retrieve_latents); None where unused.
+
+        With the image-start graphs the start is an ImageStart of backend arrays (on a GPU backend the
+        encoder's outputs never leave the device); engines exported before them: host latents, one row per image.
+        """
         t = time.perf_counter()
-        image = self._posterior_sample(job.pixels, job.posterior_noise, job.n)
-        masked = self._posterior_sample(job.masked_pixels, job.masked_posterior_noise, job.n)
+        if image_start_name(job.guided) in self.sessions:
+            image, masked = self._image_start(job), self._masked_image_start(job)
+        else:  # the host path: the posterior sample and its repeats in numpy
+            image = self._posterior_sample(job.pixels, job.posterior_noise, job.n)
+            masked = self._posterior_sample(job.masked_pixels, job.masked_posterior_noise, _unet_batch(job))
+            masked = None if masked is None else masked.astype(np.float32)
         if image is not None or masked is not None:
             timings["vae_encoder"] = time.perf_counter() - t
         return image, masked
 
-    def _posterior_sample(self, pixels: np.ndarray | None, eps: np.ndarray | None, n: int) -> np.ndarray | None:
+    def _posterior(self, pixels: np.ndarray | None, eps: np.ndarray | None) -> dict[str, Any] | None:
+        """The encoder's posterior of one image (backend arrays) and the eps of its sample; None where unused."""
         if pixels is None or eps is None:
             return None
         out = self.sessions[VAE_ENCODER].run({IMAGES: pixels})
-        mean, std = np.asarray(out[LATENT_MEAN], np.float64), np.asarray(out[LATENT_STD], np.float64)
+        return {LATENT_MEAN: out[LATENT_MEAN], LATENT_STD: out[LATENT_STD], POSTERIOR_NOISE: eps}
+
+    def _posterior_sample(self, pixels: np.ndarray | None, eps: np.ndarray | None, n: int) -> np.ndarray | None:
+        posterior = self._posterior(pixels, eps)
+        if posterior is None:
+            return None
+        mean, std = (np.asarray(posterior[k], np.float64) for k in (LATENT_MEAN, LATENT_STD))  # device->host
         return np.repeat(mean + std * eps, n, axis=0)
 
-    def _denoise(self, job: Job, static: dict[str, Any], image_latents: np.ndarray | None,
-                 masked_latents: np.ndarray | None, progress: Progress | None, timings: dict[str, float],
-                 handed: np.ndarray | None = None) -> Any:
+    def _image_start(self, job: Job) -> ImageStart | None:
+        """The image-start graph's run: the image latents, the loop's initial state and first UNet input."""
+        posterior = self._posterior(job.pixels, job.posterior_noise)
+        if posterior is None:
+            return None
+        feeds = {**posterior, INITIAL_NOISE: job.noise, START: start_scales(job.plan, job.pure_noise_start)}
+        out = self.sessions[image_start_name(job.guided)].run(feeds)
+        return ImageStart(out[IMAGE_LATENTS], out[STATE], out[SAMPLE])
+
+    def _masked_image_start(self, job: Job) -> Any:
+        """An inpainting UNet's masked-image latents in its batch (the mask's rows), by the graph; None where unused."""
+        posterior = self._posterior(job.masked_pixels, job.masked_posterior_noise)
+        if posterior is None:
+            return None
+        return self.sessions[MASKED_IMAGE_START].run({**posterior, MASK: _unet_mask(job)})[MASKED_IMAGE_LATENTS]
+
+    def _denoise(self, job: Job, static: dict[str, Any], image_latents: Any, masked_latents: Any,
+                 progress: Progress | None, timings: dict[str, float], handed: np.ndarray | None = None) -> Any:
+        """The loop; `handed`: latents it continues as they are (the refiner after a base)."""
         blend = job.mask is not None and not self.manifest.dims.inpainting
         loop = self.components.loop(StepFeatures(job.guided, job.rescale is not None, blend).name)
         mask = None if job.mask is None else np.repeat(job.mask, job.n, axis=0)
         if masked_latents is not None:  # an inpainting UNet's own inputs, in the UNet's (doubled) batch
-            rows = 2 if job.guided else 1
-            static = {**static, MASK: np.concatenate([mask] * rows),
-                      MASKED_IMAGE_LATENTS: np.concatenate([masked_latents.astype(np.float32)] * rows)}
+            static = {**static, MASK: _unet_mask(job), MASKED_IMAGE_LATENTS: masked_latents}
+        start = image_latents if isinstance(image_latents, ImageStart) else None
+        host = start is None  # engines before the image-start graphs: the start from host latents
         inputs = loop_inputs(job.plan, job.noise if handed is None else handed, static,
-                             job.guidance_scale if job.guided else None, job.rng, job.rescale, image_latents,
-                             mask if blend else None, job.pure_noise_start, as_is=handed is not None)
+                             job.guidance_scale if job.guided else None, job.rng, job.rescale,
+                             image_latents if host else None, mask if blend and host else None,
+                             job.pure_noise_start, as_is=handed is not None)
+        if start is not None:  # the state and first UNet input the graph made (the host start above is unused)
+            inputs = with_image_start(inputs, start, job.plan, job.noise, mask if blend else None)
         t = time.perf_counter()
         final, spent = loop.run(inputs, progress)
         timings["denoise"] = time.perf_counter() - t
@@ -574,7 +617,7 @@ def runtime_components(manifest: Manifest) -> tuple[str, ...]:
 
     (Engines exported before guidance rescale have no step_rescaled graph.)
     """
-    return tuple(name for name in COMPONENTS + STEP_GRAPHS if name in manifest.components)
+    return tuple(name for name in COMPONENTS + STEP_GRAPHS + IMAGE_GRAPHS if name in manifest.components)
 
 
 def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:
@@ -587,6 +630,16 @@ def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:
     args = np.asarray(w, np.float64)[:, None] * 1000.0 * freqs[None, :]
     emb = np.concatenate([np.sin(args), np.cos(args)], axis=1)
     return np.pad(emb, ((0, 0), (0, dim % 2))).astype(np.float32)
+
+
+def _unet_batch(job: Job) -> int:
+    """UNet rows of a request: one per image, doubled when guided."""
+    return job.n * (2 if job.guided else 1)
+
+
+def _unet_mask(job: Job) -> np.ndarray:
+    """The latent mask in an inpainting UNet's batch."""
+    return np.repeat(job.mask, _unet_batch(job), axis=0)
 
 
 def _is_count(v: Any) -> bool:

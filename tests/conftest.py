@@ -58,6 +58,19 @@ def tiny_engine(tiny_checkpoint, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def inpainting_unet_engine(tmp_path_factory) -> Path:
+    """The tiny sd1 checkpoint with a 9-channel inpainting UNet, exported like tiny_engine (fp32 graphs only)."""
+    from diffusion_engine.engine.specs import BuildRanges
+    from diffusion_engine.export.exporter import ExportOptions, export_engine
+    from diffusion_engine.train.tiny import build_tiny
+
+    root = tmp_path_factory.mktemp("inpainting-unet")
+    ckpt = build_tiny("sd1", root / "ckpt", seed=0, inpainting=True)
+    export_engine(str(ckpt), root / "engine", ExportOptions(BuildRanges(MIN_SIZE, MAX_SIZE, MAX_BATCH), fp16=False))
+    return root / "engine"
+
+
+@pytest.fixture(scope="session")
 def family(tmp_path_factory, tiny_checkpoint, tiny_engine):
     """family -> (checkpoint, engine dir): sd1 from conftest, the others built and exported on first use."""
     from diffusion_engine.engine.specs import BuildRanges

@@ -34,6 +34,7 @@ class FakeCuda:
         self.capturing: dict[int, list] = {}
         self.launches = 0
         self.captures = 0
+        self.copies: list[tuple[str, int, int, int]] = []  # (direction, dst, src, bytes), as queued
 
     # memory
     def cudaMalloc(self, n):
@@ -63,6 +64,7 @@ class FakeCuda:
 
         if kind == 2 and stream in self.capturing:
             raise AssertionError("device->host copy inside a captured step")
+        self.copies.append(({1: "H2D", 2: "D2H", 3: "D2D"}[kind], dst, src, n))
         self.enqueue(stream, op)
         return (SUCCESS,)
 
@@ -145,7 +147,11 @@ class FakeContext:
             dims.update(height=dims["latent_height"] * f, width=dims["latent_width"] * f)
         elif "height" in dims:  # the VAE encoder's latent axes
             dims.update(latent_height=dims["height"] // f, latent_width=dims["width"] // f)
-        return spec.tensor(name).shape(dims)
+        try:
+            return spec.tensor(name).shape(dims)
+        except KeyError:  # an output axis no input names (TensorRT infers it): the shape the last run wrote
+            assert name in self.engine.output_shapes, f"{name}: shape unknown before the first execution"
+            return self.engine.output_shapes[name]
 
     def execute_async_v3(self, stream):
         assert self.memory is not None, "no activation memory"
@@ -160,6 +166,7 @@ class FakeContext:
                 feeds[t.name] = np.frombuffer(bytes(cuda.view(addresses[t.name], n)), t.dtype).reshape(shapes[t.name])
             outs = self.engine.session.run(None, feeds)
             for t, value in zip(spec.outputs, outs):
+                self.engine.output_shapes[t.name] = tuple(value.shape)
                 data = np.ascontiguousarray(value, dtype=t.dtype).tobytes()
                 cuda.view(addresses[t.name], len(data))[:] = data
 
@@ -172,6 +179,7 @@ class FakeEngine:
         self.cuda, self.session, self.spec = cuda, session, spec
         self.vae_scale_factor = vae_scale_factor
         self.device_memory_size_v2 = 1 << 16
+        self.output_shapes: dict[str, tuple[int, ...]] = {}
 
     def create_execution_context(self, strategy):
         assert strategy == "USER_MANAGED"

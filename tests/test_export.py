@@ -43,15 +43,16 @@ def load_checkpoint_dims(pipe):
 
 def test_manifest_lists_components_with_errors(tiny_engine):
     m = read_manifest(tiny_engine)
-    assert set(m.components) == {"text_encoder", "unet", "vae_decoder", "vae_encoder", *STEP_GRAPHS}
+    generated = (*STEP_GRAPHS, "image_start", "image_start_unguided")  # no masked_image_start: a 4-channel UNet
+    assert set(m.components) == {"text_encoder", "unet", "vae_decoder", "vae_encoder", *generated}
     assert (m.family, m.prediction_type) == ("sd1", "epsilon")
     assert m.build == BuildRanges(MIN_SIZE, MAX_SIZE, MAX_BATCH)
-    for name in STEP_GRAPHS:  # generated, fp32 everywhere, checked against numpy
+    for name in generated:  # generated, fp32 everywhere, checked against numpy
         c = m.components[name]
         assert set(c.files) == {"fp32"} and c.gpu_precision == "fp32"
         assert len(c.parity["fp32"]) == 2 and all(r["rel_error"] <= 1e-5 for r in c.parity["fp32"])
     for name, c in m.components.items():
-        if name.startswith("step"):
+        if name in generated:
             continue
         assert set(c.files) == {"fp32", "fp16"}
         assert all((tiny_engine / f).is_file() for f in c.files.values())

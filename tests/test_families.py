@@ -27,7 +27,9 @@ from diffusers import (
 from diffusers.schedulers import scheduling_euler_ancestral_discrete, scheduling_lcm
 
 from diffusion_engine.engine.manifest import read_manifest
-from diffusion_engine.engine.specs import FAMILY_DEFAULTS, STEP_GRAPHS, BuildRanges, FamilyDefaults
+from diffusion_engine.engine.specs import (
+    FAMILY_DEFAULTS, IMAGE_START, IMAGE_START_UNGUIDED, STEP_GRAPHS, BuildRanges, FamilyDefaults,
+)
 from diffusion_engine.export.checkpoint import CheckpointError, load_checkpoint
 from diffusion_engine.export.exporter import ExportOptions, export_engine, fp32_reason
 from diffusion_engine.export.families import detect_family
@@ -218,7 +220,8 @@ def test_sdxl_tokenizers_both_saved_and_checked(family):
 def test_fp16_graphs_pass_their_check_or_stay_fp32_with_a_reason(family, name):
     _, engine = family(name)
     m = read_manifest(engine)
-    assert set(m.components) == {"text_encoder", "unet", "vae_decoder", "vae_encoder", *STEP_GRAPHS}
+    generated = (*STEP_GRAPHS, IMAGE_START, IMAGE_START_UNGUIDED)
+    assert set(m.components) == {"text_encoder", "unet", "vae_decoder", "vae_encoder", *generated}
     for component in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
         c = m.components[component]
         for precision, results in c.parity.items():
