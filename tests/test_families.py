@@ -151,7 +151,8 @@ def test_format_1_manifests_without_family_fields_still_load(family, tmp_path):
         del d[key]
     for name in ("step_rescaled", "step_masked", "step_unguided_masked", "step_rescaled_masked"):
         del d["components"][name]  # exported before guidance rescale and inpainting
-    del d["components"]["vae_encoder"]  # and before image requests
+    for name in ("vae_encoder", IMAGE_START, IMAGE_START_UNGUIDED):  # and before image requests
+        del d["components"][name]
     (old / "manifest.json").write_text(json.dumps(d))
     m = read_manifest(old)
     assert (m.defaults, m.tokenizer_2, m.force_zeros_for_empty_prompt) == ({}, None, False)

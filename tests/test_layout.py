@@ -1,4 +1,4 @@
-"""Packaging: one diffusion_engine namespace, no bare top-level modules, a lean runtime."""
+"""Packaging: one diffusion_engine package, no bare top-level modules, a lean runtime, the short API path."""
 
 from __future__ import annotations
 
@@ -27,6 +27,22 @@ def test_namespace_imports_outside_repo_root(tmp_path):
     for bare in ("export", "engine", "runtime", "benchmarks"):
         r = python(f"import {bare}", tmp_path)
         assert r.returncode != 0 and "ModuleNotFoundError" in r.stderr, bare
+
+
+def test_short_api_path_loads_the_runtime_on_first_use(tmp_path):
+    """`from diffusion_engine import Pipeline`; importing the package or a subpackage loads no runtime module."""
+    code = (
+        "import sys, diffusion_engine, diffusion_engine.engine.specs\n"
+        "assert not [m for m in sys.modules if m.startswith('diffusion_engine.runtime')], sorted(sys.modules)\n"
+        "from diffusion_engine import GenerationRequest, GenerationResult, Pipeline\n"
+        "import diffusion_engine.runtime.pipeline as p, diffusion_engine.runtime.request as r\n"
+        "assert (Pipeline, GenerationResult, GenerationRequest) == (p.Pipeline, p.GenerationResult, r.GenerationRequest)\n"
+        "assert sorted(diffusion_engine.__all__) == ['GenerationRequest', 'GenerationResult', 'Pipeline']\n"
+        "try:\n    diffusion_engine.Pipe\nexcept AttributeError as e:\n    print(e)\nelse:\n    raise SystemExit('no error')\n"
+    )
+    r = python(code, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "module 'diffusion_engine' has no attribute 'Pipe'" in r.stdout
 
 
 def test_runtime_never_imports_torch_or_diffusers(tmp_path):
@@ -79,6 +95,8 @@ def test_regular_install_imports(wheel, tmp_path):
         "import diffusion_engine.runtime.samplers as s, diffusion_engine.engine.manifest as m\n"
         f"assert s.__file__.startswith({str(target)!r}), s.__file__\n"
         "print(s.SAMPLERS)\n"
+        "from diffusion_engine import Pipeline\n"
+        f"assert sys.modules[Pipeline.__module__].__file__.startswith({str(target)!r})\n"
     )
     r = python(code, tmp_path)
     assert r.returncode == 0, r.stderr
