@@ -301,8 +301,11 @@ class Pipeline:
     def _continuation(self, r: GenerationRequest, base: Job, fraction: float) -> Job:
         """This (refiner) engine's job continuing `base` from `fraction` of the schedule: the base's prompts,
         steps, sampler, guidance, size and noise generator; the refiner's own scheduler config and time ids."""
-        self._check(base.steps, base.guidance_scale, base.scheduler, base.height, base.width, r.batch_size, base.n)
-        self._check_conditioning(base.negatives, r.guidance_rescale)
+        try:  # the base's settings must fit this engine's build too
+            self._check(base.steps, base.guidance_scale, base.scheduler, base.height, base.width, r.batch_size, base.n)
+            self._check_conditioning(base.negatives, r.guidance_rescale)
+        except ValueError as exc:
+            raise ValueError(f"refiner {self.engine_dir}: {exc}") from exc
         config = self.manifest.scheduler_config
         if base.scheduler == "lcm":
             raise ValueError("refiner: the lcm sampler does not continue another model's latents; choose another scheduler")

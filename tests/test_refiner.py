@@ -219,6 +219,17 @@ def test_refiner_of_another_family_and_misplaced_refiner_inputs_are_refused(engi
     for pipe, kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             pipe.generate(PROMPT, steps=4, **kwargs)
+    # A refiner built for fewer sizes or images than the base's request (its own checks, named as the refiner's).
+    from dataclasses import replace
+
+    from diffusion_engine.engine.specs import BuildRanges
+    from diffusion_engine.runtime.pipeline import Pipeline
+
+    narrow = Pipeline(refiner.engine_dir, replace(refiner.manifest, build=BuildRanges(256, 256, 1)), refiner.components)
+    with pytest.raises(ValueError, match=r"refiner .*: width 320 is not a size this engine takes: a multiple of 8 from 256 to 256"):
+        base.generate(PROMPT, steps=4, height=256, width=320, refiner=narrow)
+    with pytest.raises(ValueError, match=r"refiner .*: 2 images per call .* exceeds the engine's max batch 1"):
+        base.generate(PROMPT, steps=4, height=256, width=256, batch_size=2, refiner=narrow)
 
 
 def test_engine_run_refiner(engines, tmp_path, capsys):
