@@ -113,6 +113,9 @@ class FakeCuda:
     def cudaGetErrorName(self, err):
         return SUCCESS, b"fake error"
 
+    def cudaGetErrorString(self, err):
+        return SUCCESS, b"fake error description"
+
     def cudaGetDeviceCount(self):
         return SUCCESS, 1
 
