@@ -6,6 +6,14 @@ BIN := $(VENV)/bin
 OUT ?= out
 PROMPT ?= a red circle on a blue background
 
+# Wheels the GPU layer's API is checked against on any machine (tests/test_gpu_api.py), downloaded into
+# $(API_WHEELS), not installed: the TensorRT 11 and 10 bindings (their compiled module is read as bytes, as
+# x86-64 code: their libnvinfer is not on PyPI) and the CUDA 12 bindings (imported in a subprocess; the venv
+# has CUDA 13's, the test extra). A failed download is a warning, and those tests skip saying which wheel.
+API_WHEELS := $(VENV)/api-wheels
+TRT_API_WHEELS := tensorrt-cu12-bindings==11.4.0.106 tensorrt-cu12-bindings==10.16.1.11
+CUDA_API_WHEELS := cuda-bindings==12.9.10
+
 .PHONY: install demo test test-slow test-gpu gpu-check clean
 
 install: $(VENV)/.installed
@@ -15,6 +23,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt torch==2.13.0
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[export,test,bench]"
+	for w in $(TRT_API_WHEELS); do $(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: \
+		--platform manylinux_2_28_x86_64 --python-version 3.11 -d $(API_WHEELS) $$w \
+		|| echo "warning: $$w could not be downloaded: tests/test_gpu_api.py skips its checks"; done
+	for w in $(CUDA_API_WHEELS); do $(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: -d $(API_WHEELS) $$w \
+		|| echo "warning: $$w could not be downloaded: tests/test_gpu_api.py skips its checks"; done
 	touch $@
 
 # The main job on the CPU default: the built-in demo model (trained on shapes; train/demo-checkpoint)

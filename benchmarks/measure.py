@@ -45,12 +45,17 @@ class StageTimes:
 
 
 class TimedSession:
-    """A session proxy that records each `run` call's seconds under a stage name."""
+    """A session proxy that records each `run` call's seconds under a stage name; every other attribute is
+    the inner session's (a GPU loop reads its stream, addresses and buffer generation, live)."""
 
     def __init__(self, inner: Any, stage: str, times: StageTimes):
         self.inner = inner
-        self.spec = getattr(inner, "spec", None)
         self.run = times.wrap(stage, inner.run)
+
+    def __getattr__(self, name: str) -> Any:  # only for names not set in __init__
+        if name == "inner":  # not yet set (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
 
     def close(self) -> None:
         self.inner.close()

@@ -149,7 +149,8 @@ def _system_summary(s: System, case: Case, runs: list[dict[str, list[float]]], p
     stages = aggregate(runs, PER_CALL)
     e2e = stages.get("end_to_end")
     overhead = None
-    if case.mode == E2E:
+    if case.mode == E2E and all(m in r for r in runs for m in MODEL_STAGES):
+        # (The TensorRT loop queues UNet calls inside CUDA graphs: no per-call times, no overhead figure.)
         # Time outside model calls: host loop, tokenisation, step graph / scheduler, copies, conversions.
         fractions = [1 - sum(sum(r.get(m, [])) for m in MODEL_STAGES) / r["end_to_end"][0] for r in runs]
         overhead = {"p50_fraction": float(np.median(fractions)), "max_fraction": float(max(fractions))}

@@ -135,7 +135,9 @@ class OursSystem:
     def __init__(self, engine_dir: Path, backend: str):
         before = rss_bytes()
         self.pipe = Pipeline.load(engine_dir, backend=backend)
-        self.times = StageTimes()
+        # TensorRT sessions only queue work on their stream: a stage's time is until that work is done.
+        streams = {id(s.stream): s.stream for s in self.pipe.sessions.values() if getattr(s, "stream", None)}
+        self.times = StageTimes(sync=next(iter(streams.values())).synchronize if len(streams) == 1 else None)
         # In place: the backend's loop reads the same dict, so UNet and step-graph calls are timed too.
         for name, session in list(self.pipe.sessions.items()):
             if name in STAGE_OF:  # text-to-image stages (the VAE encoder runs for image requests only)

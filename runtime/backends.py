@@ -97,10 +97,11 @@ def open_components(engine_dir: Path, manifest: Manifest, backend: str, names: t
         trt = TrtBackend(engine_dir, manifest, names, cuda_graphs=cuda_graphs)
         return Components("trt", trt.sessions, lambda step: trt.loop(UNET, step), threading.Lock(), trt.close)
     if backend == "ort-cuda":
-        from diffusion_engine.runtime.ort_cuda import OrtCudaSession
+        from diffusion_engine.runtime import ort_cuda
 
-        sessions = {n: OrtCudaSession(engine_dir / _gpu_file(manifest, n), *_spec(manifest, n)) for n in names}
-        return Components("ort-cuda", sessions, lambda step: HostLoop(sessions[UNET], sessions[step]), threading.Lock())
+        sessions = {n: ort_cuda.OrtCudaSession(engine_dir / _gpu_file(manifest, n), *_spec(manifest, n)) for n in names}
+        loop = lambda step: HostLoop(sessions[UNET], sessions[step], upload=ort_cuda.to_device)  # noqa: E731
+        return Components("ort-cuda", sessions, loop, threading.Lock())
     if backend == "ort-cpu":
         sessions = {n: OrtCpuSession(engine_dir / manifest.components[n].files["fp32"], *_spec(manifest, n)) for n in names}
         return Components("ort-cpu", sessions, lambda step: HostLoop(sessions[UNET], sessions[step]))

@@ -29,14 +29,30 @@ def cudart() -> Any:
     return runtime
 
 
+# Errors that mean "no usable GPU here" rather than a bug: the message says what runs instead.
+NO_GPU_ERRORS = ("cudaErrorInsufficientDriver", "cudaErrorNoDevice")
+
+
 def check(result: Any) -> Any:
     """Raise on a CUDA error; return the call's value (cuda-python returns (err, *values))."""
     rt = cudart()
     err, *values = result if isinstance(result, tuple) else (result,)
     if err != rt.cudaError_t.cudaSuccess:
-        name = rt.cudaGetErrorName(err)[1]
-        raise RuntimeError(f"CUDA error {name.decode() if isinstance(name, bytes) else name}")
+        raise RuntimeError(error_message(err))
     return values[0] if len(values) == 1 else (tuple(values) or None)
+
+
+def error_message(err: Any) -> str:
+    """One line: the CUDA error's name and description (cudaGetErrorName / cudaGetErrorString), and,
+    where there is no usable driver or GPU, what to run instead."""
+    rt = cudart()
+    name, what = _text(rt.cudaGetErrorName(err)[1]), _text(rt.cudaGetErrorString(err)[1])
+    hint = "; no usable NVIDIA driver and GPU here: use --backend ort-cpu" if name in NO_GPU_ERRORS else ""
+    return f"CUDA error {name}: {what}{hint}"
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def device_count() -> int:

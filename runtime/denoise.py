@@ -135,23 +135,28 @@ def with_image_start(x: LoopInputs, start: ImageStart, plan: SamplerPlan, latent
 class HostLoop:
     """The loop for backends that take and return host arrays (ONNX Runtime on the CPU)."""
 
-    def __init__(self, unet: Session, step: Session):
+    def __init__(self, unet: Session, step: Session, upload: Callable[[Any], Any] | None = None):
         self.unet = unet
         self.step = step
+        self.upload = upload  # a device backend's host->device copy (ort-cuda): the loop's fixed inputs, once
 
     def run(self, x: LoopInputs, progress: Progress | None = None) -> tuple[np.ndarray, dict[str, float]]:
         """Run every evaluation; return the final latents and time spent in the UNet and step graph."""
         state, sample, timestep = x.state, x.sample, x.timestep
+        fixed, static = {NOISE: x.noise, **x.tables}, x.unet_static
+        if self.upload is not None:  # not once per step: the noise alone is E x the latents
+            fixed, static = ({k: self.upload(v) for k, v in d.items()} for d in (fixed, static))
         step = np.zeros(1, np.int32)
         spent = {"unet": 0.0, "step": 0.0}
         for e in range(x.evaluations):
             t0 = time.perf_counter()
-            noise_pred = self.unet.run({SAMPLE: sample, TIMESTEP: timestep, **x.unet_static})[NOISE_PRED]
+            noise_pred = self.unet.run({SAMPLE: sample, TIMESTEP: timestep, **static})[NOISE_PRED]
             t1 = time.perf_counter()
-            out = self.step.run({NOISE_PRED: noise_pred, STATE: state, NOISE: x.noise, STEP: step, **x.tables})
+            out = self.step.run({NOISE_PRED: noise_pred, STATE: state, STEP: step, **fixed})
             spent["unet"] += t1 - t0
             spent["step"] += time.perf_counter() - t1
             state, sample, timestep, step = out[STATE_OUT], out[SAMPLE_OUT], out[TIMESTEP_OUT], out[STEP_OUT]
             if progress is not None:
                 progress(e + 1, x.evaluations)
-        return state[0], spent
+        # A device backend's state (an OrtValue) has no slicing: its K x latents come back once, at the end.
+        return (state if isinstance(state, np.ndarray) else np.asarray(state))[0], spent

@@ -17,6 +17,7 @@ from diffusion_engine.runtime.session import Session
 logger = logging.getLogger(__name__)
 
 PROVIDER = "CUDAExecutionProvider"
+DEVICE = "cuda"  # where IOBinding puts outputs and to_device puts inputs
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
            "tensor(int64)": np.int64, "tensor(uint8)": np.uint8}
 
@@ -54,6 +55,13 @@ class OrtDeviceArray:
         return out if dtype is None else out.astype(dtype)
 
 
+def to_device(value: Any, device_id: int = 0) -> OrtDeviceArray:
+    """One host->device copy into an OrtValue (OrtValue.ortvalue_from_numpy); device arrays pass through."""
+    if isinstance(value, OrtDeviceArray):
+        return value
+    return OrtDeviceArray(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), DEVICE, device_id))
+
+
 class OrtCudaSession(Session):
     """One graph on the CUDA execution provider; inputs from host or device, outputs on the device."""
 
@@ -80,7 +88,7 @@ class OrtCudaSession(Session):
             else:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for name in self._outputs:
-            binding.bind_output(name, "cuda", self._device_id)  # ORT allocates on the GPU
+            binding.bind_output(name, DEVICE, self._device_id)  # ORT allocates on the GPU
         self._session.run_with_iobinding(binding)
         return {n: OrtDeviceArray(v) for n, v in zip(self._outputs, binding.get_outputs())}
 

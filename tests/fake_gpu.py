@@ -9,6 +9,7 @@ graph launch replays it, as CUDA does. It checks the logic of runtime/trt.py and
 from __future__ import annotations
 
 import ctypes
+import sys
 import types
 from enum import Enum
 
@@ -112,6 +113,9 @@ class FakeCuda:
     def cudaGetErrorName(self, err):
         return SUCCESS, b"fake error"
 
+    def cudaGetErrorString(self, err):
+        return SUCCESS, b"fake error description"
+
     def cudaGetDeviceCount(self):
         return SUCCESS, 1
 
@@ -187,3 +191,32 @@ class FakeEngine:
 
 
 fake_tensorrt = types.SimpleNamespace(ExecutionContextAllocationStrategy=types.SimpleNamespace(USER_MANAGED="USER_MANAGED"))
+
+
+def install_fake_gpu(monkeypatch) -> FakeCuda:
+    """Patch cudart and tensorrt for the TensorRT backend; plans are the fp32 graphs with profiles for
+    256x256 and 384x384. Returns the fake device (its counters: captures, launches, copies)."""
+    from diffusion_engine.engine import plans
+    from diffusion_engine.runtime import cuda as runtime_cuda
+    from diffusion_engine.runtime import trt_loader
+    from diffusion_engine.runtime.session import OrtCpuSession
+
+    cuda = FakeCuda()
+
+    def load_plan(engine_dir, manifest, name, tc):
+        entry = manifest.components[name]
+        config = plans.BuildConfig(
+            buckets=plans.size_buckets(manifest.build, manifest.dims.size_multiple, sizes=((256, 256), (384, 384))),
+            max_batch=manifest.build.max_batch,
+        )
+        profiles = plans.derive_profiles(name, entry, manifest.dims, manifest.build, config)
+        session = OrtCpuSession(engine_dir / entry.files["fp32"], entry.spec(name), entry.ranges())._session
+        plan = {"file": f"{name}.plan", "profiles": [p.as_dict() for p in profiles]}
+        engine = FakeEngine(cuda, session, entry.spec(name), manifest.dims.vae_scale_factor)
+        return types.SimpleNamespace(runtime=None, engine=engine, plan=plan)
+
+    monkeypatch.setattr(runtime_cuda, "cudart", lambda: cuda)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt)
+    monkeypatch.setattr(trt_loader, "find_toolchain", lambda: None)
+    monkeypatch.setattr(trt_loader, "load_plan", load_plan)
+    return cuda

@@ -169,3 +169,25 @@ def test_report_without_matplotlib_skips_the_default_plot_and_refuses_an_asked_o
     print(err)
     assert err == f"engine-bench report: error: --plot {tmp_path / 'p.png'} needs matplotlib: pip install 'diffusion-engine[bench]'"
     assert not (tmp_path / "p.png").exists()
+
+
+def test_bench_on_the_trt_backend_with_a_fake_gpu(tiny_engine, tmp_path, monkeypatch):
+    """engine-bench --backend trt (what make gpu-check runs) on the fake device: the timing proxies must leave
+    the TensorRT loop its sessions' streams, addresses and buffer generations; ours agrees with diffusers."""
+    from tests.fake_gpu import install_fake_gpu
+
+    cuda = install_fake_gpu(monkeypatch)
+    out = tmp_path / "trt.json"
+    args = ["--engine", str(tiny_engine), "--backend", "trt", "--sizes", "256x256", "--steps", "3", "--runs", "2",
+            "--warmup", "1", "--scheduler", "euler", "--baseline", "diffusers", "--json", str(out)]
+    assert main(args) == 0
+    doc = json.loads(out.read_text())
+    schema.validate(doc)
+    (case,) = doc["cases"]
+    ours = case["systems"]["ours"]
+    assert doc["settings"]["backend"] == "trt" and ours["device"] == "cuda"
+    assert case["systems"]["diffusers"]["agreement"]["psnr_db"] >= 40.0
+    # Warm-up (2 steps) and 2 runs of 3 steps in one 256x256 bucket: captured once per step count, replayed after.
+    assert cuda.captures == 2 and cuda.launches == (2 - 1) + 2 * 3 - 1
+    assert {"text_encoder", "vae_decoder", "end_to_end"} <= set(ours["stages"])
+    assert "unet" not in ours["stages"] and ours["overhead"] is None  # the loop's UNet calls are not timed one by one

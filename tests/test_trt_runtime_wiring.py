@@ -10,19 +10,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from diffusion_engine.engine import plans
 from diffusion_engine.engine.specs import IMAGE_GRAPHS, IMAGES, LATENT_MEAN, LATENT_STD, VAE_DECODER, VAE_ENCODER
-from diffusion_engine.runtime import cuda as runtime_cuda
-from diffusion_engine.runtime import trt_loader
 from diffusion_engine.runtime.pipeline import Pipeline
-from diffusion_engine.runtime.session import OrtCpuSession
-from tests.fake_gpu import FakeCuda, FakeEngine, fake_tensorrt
+from tests.fake_gpu import install_fake_gpu
 
 PROMPT = "a red circle on a blue background"
 
@@ -30,24 +24,7 @@ PROMPT = "a red circle on a blue background"
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """Patch cudart and tensorrt; plans are the fp32 graphs with profiles for 256x256 and 384x384."""
-    cuda = FakeCuda()
-
-    def load_plan(engine_dir, manifest, name, tc):
-        entry = manifest.components[name]
-        config = plans.BuildConfig(
-            buckets=plans.size_buckets(manifest.build, manifest.dims.size_multiple, sizes=((256, 256), (384, 384))),
-            max_batch=manifest.build.max_batch,
-        )
-        profiles = plans.derive_profiles(name, entry, manifest.dims, manifest.build, config)
-        session = OrtCpuSession(engine_dir / entry.files["fp32"], entry.spec(name), entry.ranges())._session
-        plan = {"file": f"{name}.plan", "profiles": [p.as_dict() for p in profiles]}
-        return SimpleNamespace(runtime=None, engine=FakeEngine(cuda, session, entry.spec(name), manifest.dims.vae_scale_factor), plan=plan)
-
-    monkeypatch.setattr(runtime_cuda, "cudart", lambda: cuda)
-    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt)
-    monkeypatch.setattr(trt_loader, "find_toolchain", lambda: None)
-    monkeypatch.setattr(trt_loader, "load_plan", load_plan)
-    return cuda
+    return install_fake_gpu(monkeypatch)
 
 
 def generate(engine, backend, cuda_graphs=True, **kw):
