@@ -28,7 +28,7 @@ from diffusion_engine.engine.specs import (
     UNET_BATCH,
     ComponentSpec,
 )
-from diffusion_engine.engine.step_graph import STEP_OPSET, value_infos
+from diffusion_engine.engine.step_graph import generated_model
 
 
 def _posterior() -> list[onnx.NodeProto]:
@@ -82,12 +82,7 @@ def build_start_graph(spec: ComponentSpec) -> onnx.ModelProto:
         inits = [helper.make_tensor("zero", TensorProto.INT64, [1], [0]),
                  helper.make_tensor("zero_f32", TensorProto.FLOAT, [1], [0.0]),
                  helper.make_tensor("other_buffers", TensorProto.INT64, [1], [spec.tensor(STATE).axes[0] - 1])]
-    graph = helper.make_graph(nodes, spec.name, value_infos(spec.inputs), value_infos(spec.outputs), initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", STEP_OPSET)],
-                              producer_name="diffusion-engine")
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return generated_model(spec, nodes, inits)
 
 
 def reference_start(feeds: dict, spec: ComponentSpec) -> dict:

@@ -160,6 +160,11 @@ def build_step_graph(spec: ComponentSpec, features: StepFeatures) -> onnx.ModelP
         helper.make_tensor("zero_index", TensorProto.INT32, [], [0]),
         helper.make_tensor("one", TensorProto.FLOAT, [], [1.0]),
     ]
+    return generated_model(spec, nodes, inits)
+
+
+def generated_model(spec: ComponentSpec, nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto]) -> onnx.ModelProto:
+    """A generated graph with the spec's inputs and outputs, at STEP_OPSET, checked by onnx.checker."""
     graph = helper.make_graph(nodes, spec.name, value_infos(spec.inputs), value_infos(spec.outputs), initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", STEP_OPSET)],
                               producer_name="diffusion-engine")

@@ -1,7 +1,8 @@
 """The SDXL refiner: its own engine (one OpenCLIP text encoder, aesthetic-score time ids), the base +
 refiner flow (generate(refiner=..., refiner_start=...)) and a plain refiner img2img pass, at parity with
 diffusers' StableDiffusionXLPipeline(denoising_end) -> StableDiffusionXLImg2ImgPipeline(denoising_start)
-with the same weights, scheduler configs and noise; bad refiner requests fail before any model runs."""
+with the same weights, scheduler configs and noise; bad refiner requests fail before any model runs.
+Every test that needs the refiner's own export is in the slow suite (make test-slow, run by CI)."""
 
 from __future__ import annotations
 
@@ -67,9 +68,9 @@ def our_noise(result, sampler: str, seed: int, shape: tuple[int, ...]) -> list[n
     return [row for count in counts for row in rng.standard_normal((count,) + shape, dtype=np.float32)]
 
 
-@pytest.mark.parametrize(("sampler", "steps", "fraction"), [("euler", 6, 0.8)] + [
-    pytest.param(*case, marks=pytest.mark.slow)
-    for case in [("euler_a", 6, 0.7), ("dpmpp_2m", 8, 0.8), ("heun", 5, 0.75), ("ddim", 6, 0.6)]
+@pytest.mark.slow  # the refiner's own export
+@pytest.mark.parametrize(("sampler", "steps", "fraction"), [
+    ("euler", 6, 0.8), ("euler_a", 6, 0.7), ("dpmpp_2m", 8, 0.8), ("heun", 5, 0.75), ("ddim", 6, 0.6),
 ])
 def test_base_and_refiner_match_diffusers(engines, monkeypatch, sampler, steps, fraction):
     base_ckpt, refiner_ckpt, base, refiner = engines
@@ -87,7 +88,7 @@ def test_base_and_refiner_match_diffusers(engines, monkeypatch, sampler, steps, 
     assert ours.array.shape == theirs.shape == (1, *SIZE, 3) and score >= 40.0
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # the refiner's own export
 def test_base_img2img_then_refiner_matches_diffusers(engines, monkeypatch):
     """An img2img request on the base, refined: diffusers' SDXL img2img pipeline with denoising_end, then the refiner."""
     import diffusers.models.autoencoders.vae as vae
@@ -113,6 +114,7 @@ def test_base_img2img_then_refiner_matches_diffusers(engines, monkeypatch):
     assert score >= 40.0
 
 
+@pytest.mark.slow  # the refiner's own export
 def test_aesthetic_scores_condition_the_refiner_as_in_diffusers(engines, monkeypatch):
     base_ckpt, refiner_ckpt, base, refiner = engines
     latents = np.random.default_rng(2).standard_normal((1, 4, SIZE[0] // 8, SIZE[1] // 8), dtype=np.float32)
@@ -131,7 +133,8 @@ def test_aesthetic_scores_condition_the_refiner_as_in_diffusers(engines, monkeyp
     assert score >= 40.0 and not np.array_equal(default.array, scored.array)
 
 
-@pytest.mark.parametrize("strength", [None, pytest.param(0.6, marks=pytest.mark.slow)])
+@pytest.mark.slow  # the refiner's own export
+@pytest.mark.parametrize("strength", [None, 0.6])
 def test_refiner_img2img_matches_diffusers(engines, monkeypatch, strength):
     """A plain refiner pass on a finished image (StableDiffusionXLImg2ImgPipeline, default strength 0.3)."""
     _, refiner_ckpt, _, refiner = engines
@@ -147,6 +150,7 @@ def test_refiner_img2img_matches_diffusers(engines, monkeypatch, strength):
     assert score >= 40.0
 
 
+@pytest.mark.slow  # the refiner's own export
 def test_refiner_engine_has_one_text_encoder_and_aesthetic_time_ids(family):
     ckpt, engine = family("sdxl-refiner")
     m = read_manifest(engine)
@@ -162,10 +166,9 @@ def test_refiner_engine_has_one_text_encoder_and_aesthetic_time_ids(family):
     assert detect_family("x", {**index, "text_encoder": ["transformers", "CLIPTextModel"]}, {}) == "sdxl"
 
 
-def test_switch_points_follow_diffusers_cutoff(engines):
+def test_switch_points_follow_diffusers_cutoff(family):
     """denoising_end keeps the timesteps >= the cutoff; denoising_start runs those below, whole Heun steps."""
-    _, _, base, _ = engines
-    config = base.manifest.scheduler_config
+    config = read_manifest(family("sdxl")[1]).scheduler_config
     for sampler, steps, fraction in [("euler", 10, 0.8), ("heun", 6, 0.75), ("pndm", 6, 0.5), ("dpmpp_2m", 25, 0.8)]:
         full = make_plan(sampler, config, steps)
         cutoff = round(1000 - fraction * 1000)
@@ -176,6 +179,7 @@ def test_switch_points_follow_diffusers_cutoff(engines):
         assert (tail.timesteps < cutoff).sum() >= tail.num_evaluations - 1 and tail.timesteps[-1] == full.timesteps[-1]
 
 
+@pytest.mark.slow  # the refiner's own export
 @pytest.mark.parametrize(
     "kwargs,message",
     [
@@ -200,6 +204,7 @@ def test_bad_refiner_requests_fail_before_any_model_runs(engines, monkeypatch, k
         base.generate(PROMPT, **request)
 
 
+@pytest.mark.slow  # the refiner's own export
 def test_refiner_of_another_family_and_misplaced_refiner_inputs_are_refused(engines, tiny_engine, pipelines, monkeypatch):
     _, _, base, refiner = engines
     sd1 = pipelines(tiny_engine)
@@ -232,6 +237,7 @@ def test_refiner_of_another_family_and_misplaced_refiner_inputs_are_refused(engi
         base.generate(PROMPT, steps=4, height=256, width=256, batch_size=2, refiner=narrow)
 
 
+@pytest.mark.slow  # the refiner's own export
 def test_engine_run_refiner(engines, tmp_path, capsys):
     from diffusion_engine.runtime.cli import main
 
