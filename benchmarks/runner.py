@@ -33,7 +33,7 @@ from diffusion_engine.runtime.session import cpu_threads
 
 logger = logging.getLogger(__name__)
 
-BASELINES = ("diffusers", "openvino", "openvino-bf16")
+BASELINES = ("diffusers", "openvino", "openvino-bf16", "ours-unfused")
 PROMPT = "a photo of an astronaut riding a horse"
 RANDOM_WEIGHTS_NOTE = "random-weight checkpoint: the figures are for latency and memory only, never image quality"
 
@@ -101,6 +101,8 @@ def make_systems(settings: Settings, manifest: Any) -> tuple[list[System], str]:
             if not checkpoint or not Path(checkpoint).is_dir():
                 raise ValueError(f"diffusers baseline: source checkpoint {checkpoint!r} is not a local folder; pass --checkpoint DIR")
             systems.append(DiffusersSystem(checkpoint, settings.mode, scheduler, threads))
+        elif name == "ours-unfused":
+            systems.append(OursSystem(settings.engine, settings.backend, unfused=True))
         else:
             systems.append(OpenVinoSystem(settings.engine, threads, "f32" if name == "openvino" else "bf16"))
     return systems, scheduler
@@ -276,6 +278,9 @@ def notes(settings: Settings, engine: dict[str, Any], mach: dict[str, Any]) -> l
         out.append("openvino: CPU plugin on the engine's fp32 ONNX reshaped to static shapes and compiled per case "
                    "(compile time not measured), PERFORMANCE_HINT=LATENCY, INFERENCE_PRECISION_HINT=f32 for 'openvino' "
                    "(its default on AVX512_BF16/AMX CPUs is bf16: 'openvino-bf16'); our step graph on ONNX Runtime")
+    if "ours-unfused" in settings.baselines:
+        out.append("ours-unfused: ours on the plain fp32 graphs (attention as MatMul, Softmax, MatMul over the full "
+                   "[batch, heads, Sq, Skv] scores), what ort-cpu ran before the export's attention-fused CPU graphs")
     loads = [mach["load_average_start"][0], mach.get("load_average_end", [0.0])[0]]
     if max(loads) > 0.5 * mach["cpu_affinity"]:
         out.append(f"the machine was shared (1-minute load average {loads[0]:.1f} at the start, {loads[1]:.1f} at "

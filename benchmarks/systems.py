@@ -132,9 +132,21 @@ class OursSystem:
 
     name = "ours"
 
-    def __init__(self, engine_dir: Path, backend: str):
+    def __init__(self, engine_dir: Path, backend: str, unfused: bool = False):
+        """unfused: ort-cpu on the plain fp32 graphs (attention as the exporter wrote it: MatMul, Softmax,
+        MatMul over the full scores), what ort-cpu ran before the export wrote attention-fused CPU graphs."""
         before = rss_bytes()
         self.pipe = Pipeline.load(engine_dir, backend=backend)
+        if unfused:
+            if self.pipe.backend != "ort-cpu":
+                raise ValueError(f"the ours-unfused baseline runs on ort-cpu; this bench runs {self.pipe.backend}")
+            self.name = "ours-unfused"
+            for name, session in list(self.pipe.sessions.items()):
+                entry = self.pipe.manifest.components[name]
+                if entry.cpu_file() != entry.files["fp32"]:  # in place: the loop reads this dict
+                    session.close()
+                    self.pipe.sessions[name] = OrtCpuSession(Path(engine_dir) / entry.files["fp32"], entry.spec(name),
+                                                             entry.ranges())
         # TensorRT sessions only queue work on their stream: a stage's time is until that work is done.
         streams = {id(s.stream): s.stream for s in self.pipe.sessions.values() if getattr(s, "stream", None)}
         self.times = StageTimes(sync=next(iter(streams.values())).synchronize if len(streams) == 1 else None)

@@ -12,6 +12,7 @@ from diffusion_engine.engine.atomic import check_output_dir
 from diffusion_engine.engine.digest import file_digest
 from diffusion_engine.engine.specs import (
     AxisRange,
+    CPU_GRAPH,
     BuildRanges,
     ComponentSpec,
     ModelDims,
@@ -32,7 +33,7 @@ class ManifestError(ValueError):
 class ComponentEntry:
     """One component of the engine: its graph files, I/O, built ranges and measured errors."""
 
-    files: dict[str, str]  # precision ("fp32", "fp16") -> file name in the engine dir
+    files: dict[str, str]  # "fp32", "fp16", CPU_GRAPH ("cpu": attention fused for ONNX Runtime's CPU) -> file name
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
     axis_ranges: dict[str, dict[str, int]]
@@ -42,6 +43,13 @@ class ComponentEntry:
     parity: dict[str, list[dict[str, Any]]]  # precision -> [{dims, max_abs, rel_error}]
     notes: list[str] = field(default_factory=list)
     plans: list[dict[str, Any]] = field(default_factory=list)  # TensorRT plans, added by engine-build
+    # graph key ("cpu" or "fp32": what ort-cpu opens) -> the score tensors its attention materialises,
+    # per batch row: {"elements", "at_area", "power", "axes"} (export/attention.py); absent before them.
+    score_buffers: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    def cpu_file(self) -> str:
+        """The graph ONNX Runtime on the CPU runs: the attention-fused one where the export wrote it."""
+        return self.files.get(CPU_GRAPH, self.files["fp32"])
 
     @classmethod
     def from_spec(cls, spec: ComponentSpec, ranges: dict[str, AxisRange], **kw: Any) -> "ComponentEntry":

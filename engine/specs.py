@@ -73,6 +73,9 @@ UNET = "unet"
 VAE_DECODER = "vae_decoder"
 VAE_ENCODER = "vae_encoder"  # image-conditioned requests (img2img, inpainting); engines before it lack it
 COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)  # exported from the checkpoint
+# A component's files: "fp32", "fp16", and "cpu": the fp32 graph with its attention fused into ONNX
+# Runtime's MultiHeadAttention (flash attention on the CPU; no [Sq, Skv] scores), what ort-cpu runs.
+CPU_GRAPH = "cpu"
 STEP_GUIDED = "step"
 STEP_UNGUIDED = "step_unguided"
 STEP_RESCALED = "step_rescaled"  # guided, then guidance rescale (Lin et al. 2023, sec. 3.4)
@@ -136,6 +139,10 @@ class Tolerance:
 
     fp32: float
     fp16: float
+
+    def of(self, graph: str) -> float:
+        """The tolerance of one of a component's graphs ("fp32", "fp16", or the fp32 "cpu" graph)."""
+        return self.fp32 if graph == CPU_GRAPH else getattr(self, graph)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from diffusion_engine.engine.manifest import Manifest
+from diffusion_engine.engine.specs import CPU_GRAPH
 
 logger = logging.getLogger(__name__)
 
@@ -116,9 +117,9 @@ def check_graph(path: str | Path, table: Mapping[str, Any] | None = None, target
 
 
 def check_engine(engine_dir: str | Path, manifest: Manifest, target: str | None = None) -> list[GraphCheck]:
-    """Check every ONNX graph of every component (fp32 and fp16 files alike)."""
+    """Check every ONNX graph TensorRT may build from (fp32 and fp16 files alike; not the ONNX Runtime CPU graph)."""
     table = load_table()
-    files = dict.fromkeys(f for c in manifest.components.values() for f in c.files.values())
+    files = dict.fromkeys(f for c in manifest.components.values() for k, f in c.files.items() if k != CPU_GRAPH)
     return [check_graph(Path(engine_dir) / f, table, target) for f in files]
 
 

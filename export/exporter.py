@@ -23,6 +23,7 @@ from diffusion_engine.engine.manifest import (
 )
 from diffusion_engine.engine.specs import (
     COMPONENTS,
+    CPU_GRAPH,
     FAMILY_DEFAULTS,
     MASKED_IMAGE_START,
     STATE_SIZE,
@@ -44,7 +45,8 @@ from diffusion_engine.engine.specs import (
 from diffusion_engine.engine.start_graph import build_start_graph, reference_start
 from diffusion_engine.engine.step_graph import build_step_graph, reference_step
 from diffusion_engine.runtime.samplers import default_sampler
-from diffusion_engine.export import components, fp16, validate
+from diffusion_engine.export import attention, components, fp16, validate
+from diffusion_engine.export.components import export_dims
 from diffusion_engine.export.checkpoint import Checkpoint, load_checkpoint, text_tokenizers
 from diffusion_engine.export.tokenizer import TOKENIZER_2_FILE, TOKENIZER_FILE, save_tokenizer
 
@@ -175,6 +177,10 @@ def export_one(
             sources = ["constants", "shapes"] + [t.name for t in spec.inputs if t.name in FP32_INPUTS]
             fed_by = ", ".join(sources[:-1]) + " or " + sources[-1]
             notes.append(f"fp16 graph keeps {len(kept)} nodes fed only by {fed_by} in fp32")
+    fused = write_cpu_graph(spec, ranges, out, files["fp32"])
+    if fused:
+        files[CPU_GRAPH] = f"{spec.name}.{CPU_GRAPH}.onnx"
+        notes.append(f"cpu graph: {fused} attention block{'s' if fused != 1 else ''} fused into MultiHeadAttention (ONNX Runtime's CPU kernel)")
     paths = {p: out / f for p, f in files.items()}
     parity, failure = validate_component(module, spec, ranges, paths, _vocab(ckpt), fp16_optional=keep_fp32 is not None)
     if failure is not None:
@@ -183,10 +189,14 @@ def export_one(
     if keep_fp32:
         passed = "; its fp16 graph passes the CPU check at the export shapes and is kept" if "fp16" in files else ""
         notes.append(f"GPU precision fp32: {keep_fp32}{passed}")
+    cpu_key = CPU_GRAPH if CPU_GRAPH in files else "fp32"
+    buffers = attention.score_buffers(onnx.load(str(out / files[cpu_key]), load_external_data=False), spec, ranges,
+                                      export_dims(ranges, batch=1))
     entry = ComponentEntry.from_spec(
         spec, ranges, files=files, gpu_precision="fp16" if "fp16" in files and not keep_fp32 else "fp32",
         parameters=components.parameter_count(module),
         parity={p: [r.as_dict() for r in rs] for p, rs in parity.items()}, notes=notes,
+        score_buffers={cpu_key: buffers},
     )
     size = sum(f.stat().st_size for f in out.glob(f"{spec.name}.fp32.onnx*"))
     report = ComponentReport(
@@ -241,21 +251,33 @@ def validate_component(
 
     With `fp16_optional` an fp16 failure is returned (and that graph's results dropped) instead.
     """
-    sessions = {p: validate.cpu_session(path) for p, path in paths.items()}
-    results: dict[str, list[validate.Parity]] = {p: [] for p in paths}
-    failure = None
+    cases = []
     for i, dims in enumerate(validate.parity_dims(ranges)):
         feeds = components.example_feeds(spec, {**dims, "vocab_size": vocab}, seed=i + 1)
-        ref = validate.torch_outputs(module, spec, feeds)
-        for precision, session in list(sessions.items()):
-            try:
-                results[precision].append(validate.check(spec, precision, session, feeds, ref, dims))
-            except validate.ParityError as exc:
-                if precision != "fp16" or not fp16_optional:
-                    raise
-                failure = exc
-                del sessions[precision], results[precision]
+        cases.append((dims, feeds, validate.torch_outputs(module, spec, feeds)))
+    results: dict[str, list[validate.Parity]] = {}
+    failure = None
+    for precision, path in paths.items():  # one session at a time: one copy of the weights in ONNX Runtime
+        session = validate.cpu_session(path)
+        try:
+            results[precision] = [validate.check(spec, precision, session, feeds, ref, dims) for dims, feeds, ref in cases]
+        except validate.ParityError as exc:
+            if precision != "fp16" or not fp16_optional:
+                raise
+            failure = exc
+        finally:
+            del session
     return results, failure
+
+
+def write_cpu_graph(spec: ComponentSpec, ranges, out: Path, fp32_file: str) -> int:
+    """Write `<name>.cpu.onnx`: the fp32 graph with its attention fused (export/attention.py), its
+    weights the fp32 graph's own (the same external data file); return how many were fused (0: none written)."""
+    model = onnx.load(str(out / fp32_file), load_external_data=False)
+    fused = attention.fuse_attention(model, export_dims(ranges, batch=1))
+    if fused:
+        write_atomic(out / f"{spec.name}.{CPU_GRAPH}.onnx", writer=lambda tmp: onnx.save(model, str(tmp)))
+    return fused
 
 
 def _with_shapes(path: Path) -> onnx.ModelProto:

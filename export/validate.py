@@ -72,7 +72,7 @@ def check(
 ) -> Parity:
     """Run the graph; raise ParityError on NaN/Inf or error above the spec tolerance."""
     outs = dict(zip([o.name for o in session.get_outputs()], session.run(None, dict(feeds))))
-    limit = getattr(spec.tolerance, precision)
+    limit = spec.tolerance.of(precision)
     worst = Parity(dims, 0.0, 0.0)
     for t in spec.outputs:
         ours = outs[t.name]

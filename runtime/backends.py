@@ -103,7 +103,7 @@ def open_components(engine_dir: Path, manifest: Manifest, backend: str, names: t
         loop = lambda step: HostLoop(sessions[UNET], sessions[step], upload=ort_cuda.to_device)  # noqa: E731
         return Components("ort-cuda", sessions, loop, threading.Lock())
     if backend == "ort-cpu":
-        sessions = {n: OrtCpuSession(engine_dir / manifest.components[n].files["fp32"], *_spec(manifest, n)) for n in names}
+        sessions = {n: OrtCpuSession(engine_dir / manifest.components[n].cpu_file(), *_spec(manifest, n)) for n in names}
         return Components("ort-cpu", sessions, lambda step: HostLoop(sessions[UNET], sessions[step]))
     raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS[1:])}")
 

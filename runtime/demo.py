@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 from diffusion_engine.engine.digest import file_digest
 from diffusion_engine.engine.extras import missing_modules
 from diffusion_engine.engine.manifest import MANIFEST, ManifestError, check_files, is_engine_directory, read_manifest
+from diffusion_engine.engine.specs import UNET
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ DESCRIPTION = (
 
 Say = Callable[[str], None]
 UNCHECKED = "was exported before engines carried checksums"  # a flaw of a cache made by an older version
+UNFUSED = "was exported before fused CPU attention"  # another: it works, with whole attention score matrices
 MISSING = "is not there"
 
 
@@ -96,7 +98,7 @@ def ensure_engine(say: Say = lambda message: None) -> DemoModel:
     if flaw is None:
         return DemoModel(checkpoint, out, exported=False)
     missing = missing_modules("export")
-    if missing and flaw == UNCHECKED:  # it works; it is exported again (with checksums) once [export] is here
+    if missing and flaw in (UNCHECKED, UNFUSED):  # it works; it is exported again (with checksums) once [export] is here
         return DemoModel(checkpoint, out, exported=False)
     if missing:
         raise DemoError(
@@ -129,6 +131,8 @@ def _flaw(engine_dir: Path) -> str | None:
     else:
         if not manifest.checksums:
             return UNCHECKED
+        if not problems and not manifest.components[UNET].score_buffers:
+            return UNFUSED
     return f"is damaged ({problems[0]})" if problems else None
 
 

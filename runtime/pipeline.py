@@ -18,14 +18,17 @@ from diffusion_engine.engine.specs import (
     ENCODER_HIDDEN_STATES,
     EVALUATIONS,
     FAMILY_DEFAULTS,
+    HEIGHT,
     IMAGE_GRAPHS,
     IMAGE_LATENTS,
     IMAGES,
     INITIAL_NOISE,
     INPUT_IDS,
     INPUT_IDS_2,
+    LATENT_HEIGHT,
     LATENT_MEAN,
     LATENT_STD,
+    LATENT_WIDTH,
     LATENTS,
     MASK,
     MASKED_IMAGE_LATENTS,
@@ -42,12 +45,15 @@ from diffusion_engine.engine.specs import (
     TEXT_ENCODER,
     TIME_IDS,
     TIMESTEP_COND,
+    UNET,
     VAE_DECODER,
     VAE_ENCODER,
+    WIDTH,
     FamilyDefaults,
     StepFeatures,
     image_start_name,
 )
+from diffusion_engine.runtime import memory
 from diffusion_engine.runtime.backends import Components, open_components, pick_backend
 from diffusion_engine.runtime.denoise import ImageStart, Progress, loop_inputs, start_scales, with_image_start
 from diffusion_engine.runtime.samplers import (
@@ -122,6 +128,10 @@ class Pipeline:
         manifest = read_manifest(engine_dir)
         names = runtime_components(manifest)
         chosen = pick_backend(backend, engine_dir, manifest, names)
+        if chosen == "ort-cpu" and not manifest.components[UNET].score_buffers:
+            logger.warning("%s was exported before fused CPU attention: its UNet holds whole attention score "
+                           "matrices (17 GB per guided 1024x1024 SD1.5 call) and requests are not checked against "
+                           "memory; export it again", engine_dir)
         return cls(engine_dir, manifest, open_components(engine_dir, manifest, chosen, names, cuda_graphs))
 
     @property
@@ -319,6 +329,7 @@ class Pipeline:
         size_ids, negative_ids = self._size_ids(base.height, base.width, r.original_size, r.crops_coords_top_left,
                                                 None, r.aesthetic_score, r.negative_aesthetic_score)
         guided = self.manifest.dims.cfg_batch == 2 and base.guidance_scale > 1.0
+        self._check_memory(base.height, base.width, base.n, guided)
         return Job(r, base.prompts, base.negatives, base.steps, base.guidance_scale, base.scheduler, base.height,
                    base.width, base.n, size_ids, plan, base.seed, base.rng, None, guided,
                    r.guidance_rescale if guided and r.guidance_rescale > 0 else None, None, None, self.backend,
@@ -379,6 +390,7 @@ class Pipeline:
             masked_noise = rng.standard_normal((1,) + latent, dtype=np.float32)
         # Guidance is a doubled UNet batch, except where the UNet embeds it (LCM: timestep_cond).
         guided = dims.cfg_batch == 2 and guidance_scale > 1.0
+        self._check_memory(height, width, n, guided)
         return Job(r, prompts, negatives, steps, guidance_scale, scheduler, height, width, n, size_ids, plan, seed,
                    rng, noise, guided, r.guidance_rescale if guided and r.guidance_rescale > 0 else None,
                    pixels, posterior_noise, self.backend, self.manifest.family, strength,
@@ -604,6 +616,29 @@ class Pipeline:
                 )
         if n > b.max_batch:
             raise ValueError(f"{n} images per call (prompts x batch_size) exceeds the engine's max batch {b.max_batch}")
+
+    def _check_memory(self, height: int, width: int, n: int, guided: bool) -> None:
+        """On ort-cpu: refuse a request whose attention scores (estimated from the manifest's records of
+        what the graphs materialise) need more memory than this process can still get."""
+        if self.backend != "ort-cpu":
+            return
+        f = self.manifest.dims.vae_scale_factor
+        sizes = {HEIGHT: height, WIDTH: width, LATENT_HEIGHT: height // f, LATENT_WIDTH: width // f}
+        unet_rows = n * (2 if guided else 1)
+        rows = {TEXT_ENCODER: unet_rows, UNET: unet_rows, VAE_DECODER: n, VAE_ENCODER: 1}
+        needs = {name: memory.score_bytes(self.manifest.components[name], sizes, k)
+                 for name, k in rows.items() if name in self.sessions}
+        name, need = max(((k, v) for k, v in needs.items() if v), key=lambda kv: kv[1], default=(None, 0))
+        free = memory.available_bytes() if need else None
+        if free is None or need <= free:
+            return
+        entry = self.manifest.components[name]
+        again = "" if entry.cpu_file() != entry.files["fp32"] else (
+            "; or export the engine again with this version (its CPU graphs then fuse attention and hold no scores)")
+        raise ValueError(
+            f"{width}x{height} with {rows[name]} {name} rows needs an estimated {memory.gigabytes(need)} for the "
+            f"{name}'s attention scores on ONNX Runtime's CPU ({entry.cpu_file()} holds them whole), more than the "
+            f"{memory.gigabytes(free)} available; use a smaller size or batch{again}")
 
     def close(self) -> None:
         self.components.close()

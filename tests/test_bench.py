@@ -191,3 +191,17 @@ def test_bench_on_the_trt_backend_with_a_fake_gpu(tiny_engine, tmp_path, monkeyp
     assert cuda.captures == 2 and cuda.launches == (2 - 1) + 2 * 3 - 1
     assert {"text_encoder", "vae_decoder", "end_to_end"} <= set(ours["stages"])
     assert "unet" not in ours["stages"] and ours["overhead"] is None  # the loop's UNet calls are not timed one by one
+
+
+def test_unet_mode_against_the_unfused_graph(tiny_engine):
+    """--baseline ours-unfused: ours on the plain fp32 UNet (whole score matrices) in the same run."""
+    from diffusion_engine.benchmarks.runner import Settings, run_bench
+
+    doc = run_bench(Settings(engine=tiny_engine, sizes=((384, 384),), mode="unet", runs=1, warmup=0,
+                             baselines=("ours-unfused",)))
+    (case,) = doc["cases"]
+    theirs, ours = case["systems"]["ours-unfused"], case["systems"]["ours"]
+    print(f"unet at 384x384: ours {ours['stages']['unet']['p50']:.3f} s, unfused {theirs['stages']['unet']['p50']:.3f} s, "
+          f"run RSS increase ours {ours['run_rss_increase_bytes'] / 1e6:.0f} MB, unfused "
+          f"{theirs['run_rss_increase_bytes'] / 1e6:.0f} MB, rel error {theirs['agreement']['rel_error']:.2g}")
+    assert theirs["agreement"]["rel_error"] < 1e-5 and case["ratios"]["ours-unfused"]["unet"] > 0

@@ -8,6 +8,7 @@ import logging
 import shutil
 import importlib.util
 import io
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion_engine.engine.manifest import MANIFEST
+from diffusion_engine.engine.manifest import MANIFEST, read_manifest
 from diffusion_engine.runtime import demo
 from diffusion_engine.runtime.cli import main as engine_run
 from diffusion_engine.runtime.pipeline import Pipeline
@@ -201,6 +202,25 @@ def test_a_damaged_cache_is_exported_again(demo_engine, tmp_path, monkeypatch):
     (cached / MANIFEST).write_text("{not json")
     with cache_at(cache), pytest.raises(demo.DemoError, match=f"{cached} is damaged .*; delete that folder"):
         demo.ensure_engine()
+
+
+def test_a_cache_exported_before_fused_cpu_attention_is_exported_again(demo_engine, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    cached = cache / demo_engine.name
+    shutil.copytree(demo_engine, cached)
+    d = json.loads((cached / MANIFEST).read_text())
+    for c in d["components"].values():  # what an older export wrote: no CPU graphs, no score records
+        c.pop("score_buffers", None)
+        c["files"].pop("cpu", None)
+    (cached / MANIFEST).write_text(json.dumps(d))
+    exports = []
+    monkeypatch.setattr(demo, "_export", lambda checkpoint, out: exports.append(out) or shutil.rmtree(out)
+                        or shutil.copytree(demo_engine, out))
+    said = []
+    with cache_at(cache):
+        assert demo.ensure_engine(say=said.append).exported
+    assert exports == [cached] and "again, as the cached one was exported before fused CPU attention" in said[0]
+    assert "cpu" in read_manifest(cached).components["unet"].files
 
 
 def test_img2img_changes_the_colour_and_keeps_the_shape(pipe):

@@ -54,11 +54,12 @@ def test_manifest_lists_components_with_errors(tiny_engine):
     for name, c in m.components.items():
         if name in generated:
             continue
-        assert set(c.files) == {"fp32", "fp16"}
+        # The text encoder's causal attention stays as it is; the UNet's and the VAE's are fused for the CPU.
+        assert set(c.files) == {"fp32", "fp16"} | ({"cpu"} if name != "text_encoder" else set())
         assert all((tiny_engine / f).is_file() for f in c.files.values())
-        for precision in ("fp32", "fp16"):
+        for precision in c.files:
             shapes = c.parity[precision]
-            assert len(shapes) == 2 and all(r["rel_error"] <= c.tolerance[precision] for r in shapes)
+            assert len(shapes) == 2 and all(r["rel_error"] <= c.tolerance["fp32" if precision == "cpu" else precision] for r in shapes)
             dims = [r["dims"] for r in shapes]
             assert any(d["batch"] > 1 for d in dims)
             if "latent_height" in dims[0]:

@@ -226,7 +226,12 @@ def test_fp16_graphs_pass_their_check_or_stay_fp32_with_a_reason(family, name):
     for component in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
         c = m.components[component]
         for precision, results in c.parity.items():
-            assert len(results) == 2 and all(r["rel_error"] <= c.tolerance[precision] for r in results)
+            limit = c.tolerance["fp32" if precision == "cpu" else precision]
+            assert len(results) == 2 and all(r["rel_error"] <= limit for r in results)
+        # Every family's UNet and VAE attention is fused for the CPU (the SDXL UNet's 10-head levels too):
+        # the graph ort-cpu opens holds no score matrix (these tiny VAEs may have no attention at all).
+        if component != "text_encoder":
+            assert ("cpu" in c.files or component != "unet") and list(c.score_buffers.values()) == [[]], c.score_buffers
         if c.gpu_precision == "fp16":
             assert "fp16" in c.parity
         else:  # only SDXL's VAE (force_upcast), and the manifest says why
