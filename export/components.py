@@ -7,6 +7,7 @@ import inspect
 import io
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -14,6 +15,7 @@ import numpy as np
 import onnx
 import torch
 
+from diffusion_engine.engine.atomic import current_umask
 from diffusion_engine.engine.specs import (
     MASK,
     MASKED_IMAGE_LATENTS,
@@ -313,7 +315,9 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
     if weight_bytes(model) > EXTERNAL_DATA_BYTES:
         onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
                         location=f"{path.name}.data", size_threshold=1024)
-        # The external data file was written beside the temp name under its final name.
+        # The external data file was written beside the temp name under its final name; onnx creates it
+        # 0600: give it the permissions the umask gives, as every other file of the engine.
+        os.chmod(path.with_name(f"{path.name}.data"), 0o666 & ~current_umask())
     else:
         onnx.save_model(model, tmp)
     tmp.replace(path)

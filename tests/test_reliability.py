@@ -118,6 +118,31 @@ def test_written_files_honour_the_umask(tmp_path, umask):
     assert folder_mode == 0o777 & ~umask and file_mode == 0o666 & ~umask
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_external_weights_file_honours_the_umask(tmp_path, monkeypatch, umask):
+    """Graphs above the external-data size keep their weights in <name>.data, which onnx creates 0600."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from diffusion_engine.export import components
+
+    monkeypatch.setattr(components, "EXTERNAL_DATA_BYTES", 1024)
+    w = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [w])
+    old = os.umask(umask)
+    try:
+        components.save_model(helper.make_model(graph), tmp_path / "g.onnx")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    print(f"umask {umask:03o}: {modes}")
+    assert modes == {"g.onnx": 0o666 & ~umask, "g.onnx.data": 0o666 & ~umask}
+    assert onnx.load(str(tmp_path / "g.onnx")).graph.initializer[0].dims == [64, 64]
+
+
 def test_exported_engine_and_png_are_readable_by_others(tiny_engine, tmp_path):
     """The session's engine was exported under this process's umask: every entry must follow it."""
     from diffusion_engine.runtime.cli import main
