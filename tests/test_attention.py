@@ -52,7 +52,7 @@ SIZES = [{"batch": 2, "sequence": 77, "latent_height": 48, "latent_width": 40, "
          {"batch": 1, "sequence": 77, "latent_height": 64, "latent_width": 64, "height": 512, "width": 512}]
 
 
-@pytest.mark.parametrize("dims", SIZES, ids=["384x320-batch2", "512x512"])
+@pytest.mark.parametrize("dims", [SIZES[0], pytest.param(SIZES[1], marks=pytest.mark.slow)], ids=["384x320-batch2", "512x512"])
 @pytest.mark.parametrize("name", FUSED)
 def test_fused_attention_matches_pytorch(tiny_engine, tiny_pipeline, name, dims):
     m = read_manifest(tiny_engine)

@@ -193,6 +193,7 @@ def test_bench_on_the_trt_backend_with_a_fake_gpu(tiny_engine, tmp_path, monkeyp
     assert "unet" not in ours["stages"] and ours["overhead"] is None  # the loop's UNet calls are not timed one by one
 
 
+@pytest.mark.slow
 def test_unet_mode_against_the_unfused_graph(tiny_engine):
     """--baseline ours-unfused: ours on the plain fp32 UNet (whole score matrices) in the same run."""
     from diffusion_engine.benchmarks.runner import Settings, run_bench
