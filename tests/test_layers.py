@@ -22,7 +22,7 @@ TOOLS = ("benchmarks", "train", "tests")
 # engine/ holds two layers: the lean contract and the offline builders. Every engine module is one of them.
 CONTRACT = ("engine", "engine.atomic", "engine.digest", "engine.extras", "engine.manifest", "engine.plans",
             "engine.specs", "engine.toolchain")
-BUILD = ("engine.cli", "engine.start_graph", "engine.step_graph", "engine.trt_build", "engine.trt_ops")
+BUILD = ("engine.cli", "engine.onnx_shapes", "engine.start_graph", "engine.step_graph", "engine.trt_build", "engine.trt_ops")
 # The runtime's GPU backends: the only runtime modules that may import tensorrt or cuda-python.
 RUNTIME_GPU = ("runtime.cuda", "runtime.trt", "runtime.trt_loader")
 GPU_BINDINGS = ("tensorrt", "cuda")
