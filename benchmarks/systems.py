@@ -143,7 +143,7 @@ class OursSystem:
             self.name = "ours-unfused"
             for name, session in list(self.pipe.sessions.items()):
                 entry = self.pipe.manifest.components[name]
-                if entry.cpu_file() != entry.files["fp32"]:  # in place: the loop reads this dict
+                if entry.cpu_key() != "fp32":  # in place: the loop reads this dict
                     session.close()
                     self.pipe.sessions[name] = OrtCpuSession(Path(engine_dir) / entry.files["fp32"], entry.spec(name),
                                                              entry.ranges())

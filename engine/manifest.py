@@ -11,8 +11,8 @@ from typing import Any, Iterable
 from diffusion_engine.engine.atomic import check_output_dir
 from diffusion_engine.engine.digest import file_digest
 from diffusion_engine.engine.specs import (
-    AxisRange,
     CPU_GRAPH,
+    AxisRange,
     BuildRanges,
     ComponentSpec,
     ModelDims,
@@ -47,9 +47,12 @@ class ComponentEntry:
     # per batch row: {"elements", "at_area", "power", "axes"} (export/attention.py); absent before them.
     score_buffers: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
+    def cpu_key(self) -> str:
+        """The key of the graph ONNX Runtime on the CPU runs: CPU_GRAPH (attention fused) where the export wrote it."""
+        return CPU_GRAPH if CPU_GRAPH in self.files else "fp32"
+
     def cpu_file(self) -> str:
-        """The graph ONNX Runtime on the CPU runs: the attention-fused one where the export wrote it."""
-        return self.files.get(CPU_GRAPH, self.files["fp32"])
+        return self.files[self.cpu_key()]
 
     @classmethod
     def from_spec(cls, spec: ComponentSpec, ranges: dict[str, AxisRange], **kw: Any) -> "ComponentEntry":

@@ -177,7 +177,7 @@ def export_one(
             sources = ["constants", "shapes"] + [t.name for t in spec.inputs if t.name in FP32_INPUTS]
             fed_by = ", ".join(sources[:-1]) + " or " + sources[-1]
             notes.append(f"fp16 graph keeps {len(kept)} nodes fed only by {fed_by} in fp32")
-    fused = write_cpu_graph(spec, ranges, out, files["fp32"])
+    cpu_model, fused = write_cpu_graph(spec, ranges, out, files["fp32"])
     if fused:
         files[CPU_GRAPH] = f"{spec.name}.{CPU_GRAPH}.onnx"
         notes.append(f"cpu graph: {fused} attention block{'s' if fused != 1 else ''} fused into MultiHeadAttention (ONNX Runtime's CPU kernel)")
@@ -189,14 +189,12 @@ def export_one(
     if keep_fp32:
         passed = "; its fp16 graph passes the CPU check at the export shapes and is kept" if "fp16" in files else ""
         notes.append(f"GPU precision fp32: {keep_fp32}{passed}")
-    cpu_key = CPU_GRAPH if CPU_GRAPH in files else "fp32"
-    buffers = attention.score_buffers(onnx.load(str(out / files[cpu_key]), load_external_data=False), spec, ranges,
-                                      export_dims(ranges, batch=1))
+    buffers = attention.score_buffers(cpu_model, spec, ranges, export_dims(ranges, batch=1))
     entry = ComponentEntry.from_spec(
         spec, ranges, files=files, gpu_precision="fp16" if "fp16" in files and not keep_fp32 else "fp32",
         parameters=components.parameter_count(module),
         parity={p: [r.as_dict() for r in rs] for p, rs in parity.items()}, notes=notes,
-        score_buffers={cpu_key: buffers},
+        score_buffers={CPU_GRAPH if fused else "fp32": buffers},
     )
     size = sum(f.stat().st_size for f in out.glob(f"{spec.name}.fp32.onnx*"))
     report = ComponentReport(
@@ -270,14 +268,16 @@ def validate_component(
     return results, failure
 
 
-def write_cpu_graph(spec: ComponentSpec, ranges, out: Path, fp32_file: str) -> int:
+def write_cpu_graph(spec: ComponentSpec, ranges, out: Path, fp32_file: str) -> tuple[onnx.ModelProto, int]:
     """Write `<name>.cpu.onnx`: the fp32 graph with its attention fused (export/attention.py), its
-    weights the fp32 graph's own (the same external data file); return how many were fused (0: none written)."""
+    weights the fp32 graph's own (the same external data file). Return the graph ort-cpu will open
+    (without weights: the fused one, or the fp32 one where nothing was fused and nothing written) and
+    how many attention blocks were fused."""
     model = onnx.load(str(out / fp32_file), load_external_data=False)
     fused = attention.fuse_attention(model, export_dims(ranges, batch=1))
     if fused:
         write_atomic(out / f"{spec.name}.{CPU_GRAPH}.onnx", writer=lambda tmp: onnx.save(model, str(tmp)))
-    return fused
+    return model, fused
 
 
 def _with_shapes(path: Path) -> onnx.ModelProto:

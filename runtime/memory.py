@@ -23,8 +23,7 @@ LIVE_COPIES = 2  # the scores and their softmax are alive together
 def score_bytes(entry: ComponentEntry, sizes: Mapping[str, int], rows: int) -> int | None:
     """Bytes of the largest score buffers of one call of the graph ort-cpu opens, or None where the
     export recorded none (engines exported before these records)."""
-    key = "cpu" if entry.cpu_file() != entry.files["fp32"] else "fp32"
-    records = entry.score_buffers.get(key)
+    records = entry.score_buffers.get(entry.cpu_key())
     if records is None:
         return None
     largest = 0.0

@@ -633,7 +633,7 @@ class Pipeline:
         if free is None or need <= free:
             return
         entry = self.manifest.components[name]
-        again = "" if entry.cpu_file() != entry.files["fp32"] else (
+        again = "" if entry.cpu_key() != "fp32" else (
             "; or export the engine again with this version (its CPU graphs then fuse attention and hold no scores)")
         raise ValueError(
             f"{width}x{height} with {rows[name]} {name} rows needs an estimated {memory.gigabytes(need)} for the "
