@@ -29,7 +29,7 @@ from typing import Mapping
 import onnx
 from onnx import helper, numpy_helper
 
-from diffusion_engine.engine.onnx_shapes import Shape, resolved_shapes
+from diffusion_engine.engine.onnx_shapes import Shape, known, resolved_shapes
 from diffusion_engine.engine.specs import BATCH, HEIGHT, LATENT_HEIGHT, LATENT_WIDTH, WIDTH, AxisRange, ComponentSpec
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class _Graph:
         if not r:
             return None
         x3, s3, s4 = r.input[0], self.shapes.get(r.input[0]), self.shapes.get(name)
-        if not (_full(s3) and _full(s4) and len(s3) == 3 and len(s4) == 4):
+        if not (known(s3) and known(s4) and len(s3) == 3 and len(s4) == 4):
             return None
         if s3[0] != s4[0] or s3[1] != s4[2] or s3[2] != s4[1] * s4[3]:
             return None
@@ -103,15 +103,12 @@ class _Graph:
             split = self.split_heads(node.input[0])
             if split is not None:
                 k4 = split[1]
-                if _full(kt) and len(kt) == 4 and (kt[0], kt[1], kt[2], kt[3]) == (k4[0], k4[1], k4[3], k4[2]):
+                if known(kt) and len(kt) == 4 and (kt[0], kt[1], kt[2], kt[3]) == (k4[0], k4[1], k4[3], k4[2]):
                     return split
                 return None
             node = self.producer.get(node.input[0])
         return None
 
-
-def _full(shape: Shape | None) -> bool:
-    return shape is not None and all(isinstance(d, int) and d > 0 for d in shape)
 
 
 def fuse_attention(model: onnx.ModelProto, dims: Mapping[str, int]) -> int:
@@ -136,7 +133,7 @@ def fuse_attention(model: onnx.ModelProto, dims: Mapping[str, int]) -> int:
         heads = q4s[1]
         if k4s[1] != heads or v4s[1] != heads or k4s[3] != q4s[3] or v4s[2] != k4s[2]:
             continue
-        if not (_full(out_shape) and tuple(out_shape) == (q4s[0], q4s[2], heads * v4s[3])):
+        if not (known(out_shape) and tuple(out_shape) == (q4s[0], q4s[2], heads * v4s[3])):
             continue
         fused.append(helper.make_node(
             "MultiHeadAttention", [q3, k3, v3], [out.output[0]], domain=MS_DOMAIN,
@@ -220,7 +217,7 @@ def score_buffers(model: onnx.ModelProto, spec: ComponentSpec, ranges: Mapping[s
     found: list[list[int]] = []
     for dims in sizes:
         shapes = resolved_shapes(_weightless(model), dims, keep=("MatMul", "Softmax"))
-        found.append([math.prod(shapes[n.output[0]]) if _full(shapes.get(n.output[0])) else -1
+        found.append([math.prod(shapes[n.output[0]]) if known(shapes.get(n.output[0])) else -1
                       for n in model.graph.node if n.op_type == "Softmax"])
     area = math.prod(sizes[0][a] for a in axes) if axes else 1
     records = []
