@@ -110,7 +110,6 @@ class _Graph:
         return None
 
 
-
 def fuse_attention(model: onnx.ModelProto, dims: Mapping[str, int]) -> int:
     """Rewrite model's decomposed attention into MultiHeadAttention in place (shapes are inferred on
     a weightless copy pinned to dims); return how many were fused."""
