@@ -10,7 +10,7 @@ import numpy as np
 
 from diffusion_engine.benchmarks.measure import StageTimes, rss_bytes
 from diffusion_engine.benchmarks.systems import UNET_ONLY, Case, CaseInputs, RunOutput
-from diffusion_engine.engine.specs import ENCODER_HIDDEN_STATES, SAMPLE, TIMESTEP
+from diffusion_engine.engine.specs import DEFAULT_DECODER, ENCODER_HIDDEN_STATES, SAMPLE, TIMESTEP
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,8 @@ class DiffusersSystem:
 
     name = "diffusers"
 
-    def __init__(self, checkpoint: str, mode: str, scheduler: str, threads: int):
+    def __init__(self, checkpoint: str, mode: str, scheduler: str, threads: int, tiny_vae: str | None = None):
+        """tiny_vae: an AutoencoderTiny folder; cases with decoder "tiny" decode with it (pipe.vae swapped)."""
         import torch
 
         before = rss_bytes()
@@ -67,6 +68,9 @@ class DiffusersSystem:
             self.unet.forward = self.times.wrap("unet", self.unet.forward)
         else:
             self.pipe = self._load_pipeline(checkpoint, scheduler)
+            self.vaes = {DEFAULT_DECODER: self.pipe.vae}
+            if tiny_vae is not None:
+                self.vaes["tiny"] = self._load_tiny_vae(tiny_vae)
         self._feeds: dict[str, Any] = {}
         self.load_rss_bytes = rss_bytes() - before
 
@@ -88,7 +92,19 @@ class DiffusersSystem:
         object.__setattr__(pipe, "tokenizer", _TimedTokenizer(pipe.tokenizer, t))
         return pipe
 
+    def _load_tiny_vae(self, folder: str) -> Any:
+        from diffusers import AutoencoderTiny
+
+        vae = AutoencoderTiny.from_pretrained(folder, torch_dtype=self.dtype, local_files_only=True).to(self.device)
+        vae.decode = self.times.wrap("vae_decoder", vae.decode)
+        return vae.eval()
+
     def prepare(self, case: Case, inputs: CaseInputs) -> None:
+        if case.mode != UNET_ONLY:  # the case's decoder: registered as the pipeline's vae, as a user swaps it
+            decoder = case.decoder or DEFAULT_DECODER
+            if decoder not in self.vaes:
+                raise ValueError(f"diffusers baseline: no {decoder} decoder loaded (pass its AutoencoderTiny folder)")
+            self.pipe.vae = self.vaes[decoder]
         if case.mode == UNET_ONLY:
             self._feeds = {k: self.torch.from_numpy(v).to(self.device, self.dtype) for k, v in inputs.unet_feeds.items()}
 
@@ -120,3 +136,4 @@ class DiffusersSystem:
 
     def close(self) -> None:
         self.pipe = self.unet = None
+        self.vaes = {}

@@ -49,6 +49,16 @@ def _baselines(text: str) -> tuple[str, ...]:
     return names
 
 
+def _decoders(text: str) -> tuple[str, ...]:
+    from diffusion_engine.engine.specs import DECODERS
+
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [n for n in names if n not in DECODERS]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"unknown decoder {(bad or [text])[0]!r}; valid: {', '.join(DECODERS)}")
+    return names
+
+
 def bench_parser() -> argparse.ArgumentParser:
     from diffusion_engine.runtime.backends import BACKENDS
     from diffusion_engine.runtime.samplers import SAMPLERS
@@ -69,6 +79,11 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", type=_baselines, default=(),
                    help=f"comma-separated: {', '.join(BASELINES)}, or none (default)")
     p.add_argument("--checkpoint", help="diffusers folder for the diffusers baseline (default: the manifest's source)")
+    p.add_argument("--decoders", type=_decoders, default=("full",),
+                   help="e2e: decode each case with these, in the same run: full (the checkpoint's VAE), tiny (the "
+                        "engine's tiny VAE, engine-export --tiny-vae), e.g. full,tiny (default full)")
+    p.add_argument("--tiny-vae", help="AutoencoderTiny folder for the diffusers baseline's tiny cases "
+                                      "(default: the manifest's source tiny_vae)")
     p.add_argument("--prompt", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the result here (and, unless given, OUT.md and OUT.png beside it)")
@@ -156,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             engine=Path(args.engine), backend=args.backend, sizes=args.sizes, batches=args.batch, steps=args.steps,
             scheduler=args.scheduler, guidance_scale=args.guidance, warmup=args.warmup, runs=args.runs,
             baselines=args.baseline, checkpoint=args.checkpoint, mode=args.mode, prompt=args.prompt or PROMPT,
-            seed=args.seed,
+            seed=args.seed, decoders=args.decoders, tiny_vae=args.tiny_vae,
         )
         doc = run_bench(settings, say=lambda line: print(line, file=sys.stderr, flush=True))
     except (ValueError, ManifestError) as exc:

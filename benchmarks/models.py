@@ -138,6 +138,19 @@ def sdxl_components(seed: int = 0) -> dict[str, Any]:
                 tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True)
 
 
+TAESD_FOLDER = "taesd"  # build_checkpoint(tiny_vae=True): the random-weight tiny autoencoder, inside the checkpoint
+
+
+def taesd(seed: int = 0) -> Any:
+    """A TAESD-architecture AutoencoderTiny (diffusers' default config is TAESD's; TAESDXL has the same
+    architecture: 4 latent channels, factor 8), random weights from seed."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    return AutoencoderTiny()
+
+
 def _pipeline(name: str, parts: dict[str, Any]) -> Any:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -157,11 +170,13 @@ def _is_bench_checkpoint(path: Path) -> bool:
     return (path / BENCH_INFO).is_file()
 
 
-def build_checkpoint(name: str, out_dir: str | os.PathLike, seed: int = 0, fp16: bool = False, overwrite: bool = False) -> Path:
+def build_checkpoint(name: str, out_dir: str | os.PathLike, seed: int = 0, fp16: bool = False, overwrite: bool = False,
+                     tiny_vae: bool = False) -> Path:
     """Write a random-weight checkpoint of the named architecture in diffusers format; return its path.
 
     The folder appears atomically. fp16 builds the modules in fp16 (half the memory and disk: SDXL
-    about 7 GB instead of 14 GB); the exporter upcasts to fp32 either way.
+    about 7 GB instead of 14 GB); the exporter upcasts to fp32 either way. tiny_vae: also a random-weight
+    TAESD-architecture AutoencoderTiny in OUT/taesd (for engine-export --tiny-vae OUT/taesd).
     """
     if name not in BUILDERS:
         raise ValueError(f"unknown architecture {name!r}; valid: {', '.join(BUILDERS)}")
@@ -174,6 +189,7 @@ def build_checkpoint(name: str, out_dir: str | os.PathLike, seed: int = 0, fp16:
     torch.set_default_dtype(torch.float16 if fp16 else torch.float32)  # fp16: never hold fp32 copies
     try:
         parts = BUILDERS[name](seed)
+        tiny = taesd(seed + 10) if tiny_vae else None
     finally:
         torch.set_default_dtype(previous)
     counts = parameter_counts(parts)
@@ -181,8 +197,12 @@ def build_checkpoint(name: str, out_dir: str | os.PathLike, seed: int = 0, fp16:
         raise RuntimeError(f"{name}: parameter counts {counts} differ from the real architecture's {PARAMETERS[name]}")
     info = {"builder": f"diffusion_engine.benchmarks.models.build_checkpoint({name!r})", "seed": seed,
             "dtype": "float16" if fp16 else "float32", "parameters": counts, "note": NOTE}
+    if tiny is not None:
+        info["tiny_vae"] = {"folder": TAESD_FOLDER, "parameters": sum(p.numel() for p in tiny.parameters())}
     with atomic_directory(out, overwrite, replaceable=_is_bench_checkpoint, what="a benchmark checkpoint") as tmp:
         _pipeline(name, parts).save_pretrained(tmp, safe_serialization=True)
+        if tiny is not None:
+            tiny.save_pretrained(tmp / TAESD_FOLDER, safe_serialization=True)
         (tmp / BENCH_INFO).write_text(json.dumps(info, indent=2) + "\n")
     logger.info("wrote %s checkpoint (seed %d, %s) to %s", name, seed, info["dtype"], out)
     return out
@@ -195,11 +215,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="diffusers folder to create (put it under /tmp: GBs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fp16", action="store_true", help="store weights in fp16 (half the disk and memory)")
+    p.add_argument("--tiny-vae", action="store_true",
+                   help=f"also write a random-weight TAESD-architecture AutoencoderTiny in OUT/{TAESD_FOLDER} "
+                        f"(engine-export OUT --tiny-vae OUT/{TAESD_FOLDER})")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    path = build_checkpoint(args.architecture, args.out, seed=args.seed, fp16=args.fp16, overwrite=args.overwrite)
+    path = build_checkpoint(args.architecture, args.out, seed=args.seed, fp16=args.fp16, overwrite=args.overwrite,
+                            tiny_vae=args.tiny_vae)
     print(path)
+    if args.tiny_vae:
+        print(path / TAESD_FOLDER)
     print(f"note: {NOTE}")
     if args.architecture == "sdxl":
         print("note: engine-export does not support SDXL yet (awaits the model-families issue); no SDXL bench yet")

@@ -35,7 +35,8 @@ def headline(case: dict[str, Any]) -> str:
 
 def case_title(case: dict[str, Any]) -> str:
     what = f"{case['steps']} steps, end to end" if case["mode"] == "e2e" else "one guided UNet evaluation"
-    return f"{case['width']}x{case['height']}, batch {case['batch']}, {what}"
+    decoder = f", {case['decoder']} decoder" if case.get("decoder") == "tiny" else ""
+    return f"{case['width']}x{case['height']}, batch {case['batch']}, {what}{decoder}"
 
 
 def case_table(case: dict[str, Any]) -> str:
@@ -131,6 +132,7 @@ def plot(doc: dict[str, Any], path: str | Path) -> Path:
     for case in doc["cases"]:
         stage = headline(case)
         tail = f", b{case['batch']}" + (f", {case['steps']} steps" if case["steps"] else "")
+        tail += ", tiny decoder" if case.get("decoder") == "tiny" else ""
         for name, sy in case["systems"].items():
             if stage in sy["stages"]:
                 side = (case["height"] * case["width"]) ** 0.5

@@ -24,11 +24,11 @@ from diffusion_engine.benchmarks.measure import (
 )
 from diffusion_engine.benchmarks.schema import SCHEMA_VERSION, validate
 from diffusion_engine.benchmarks.systems import (
-    E2E, MODEL_STAGES, PER_CALL, STAGES, UNET_ONLY, Case, CaseInputs, OpenVinoSystem, OursSystem, System,
+    E2E, MODEL_STAGES, PER_CALL, STAGE_OF, STAGES, UNET_ONLY, Case, CaseInputs, OpenVinoSystem, OursSystem, System,
     component_dims, unet_feeds,
 )
 from diffusion_engine.engine.manifest import MANIFEST, read_manifest
-from diffusion_engine.engine.specs import TEXT_ENCODER, UNET, VAE_DECODER
+from diffusion_engine.engine.specs import DECODERS, DEFAULT_DECODER, TEXT_ENCODER, TINY_VAE_DECODER, UNET
 from diffusion_engine.runtime.session import cpu_threads
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,8 @@ class Settings:
     mode: str = E2E
     prompt: str = PROMPT
     seed: int = 0
+    decoders: tuple[str, ...] = (DEFAULT_DECODER,)  # e2e: each case once per decoder (generate's decoder=)
+    tiny_vae: str | None = None  # the AutoencoderTiny folder of the diffusers baseline (default: the manifest's)
 
     def __post_init__(self) -> None:
         bad = [b for b in self.baselines if b not in BASELINES]
@@ -65,10 +67,18 @@ class Settings:
             raise ValueError(f"--runs must be >= 1 and --warmup >= 0, got {self.runs} and {self.warmup}")
         if self.mode == E2E and (not self.steps or min(self.steps) < 1):
             raise ValueError(f"--steps must be integers >= 1, got {list(self.steps)}")
+        bad = [d for d in self.decoders if d not in DECODERS]
+        if not self.decoders or bad:
+            raise ValueError(f"--decoders: unknown decoder {(bad or [''])[0]!r}; valid: {', '.join(DECODERS)}")
+        if self.mode == UNET_ONLY and self.decoders != (DEFAULT_DECODER,):
+            raise ValueError(f"--decoders {','.join(self.decoders)}: unet mode decodes nothing; use --mode e2e")
 
     def cases(self) -> list[Case]:
-        steps = self.steps if self.mode == E2E else (None,)
-        return [Case(self.mode, h, w, b, s) for (h, w) in self.sizes for b in self.batches for s in steps]
+        """Every size x batch x steps, each with every decoder (e2e) one after the other in the same run."""
+        if self.mode == UNET_ONLY:
+            return [Case(self.mode, h, w, b, None, None) for (h, w) in self.sizes for b in self.batches]
+        return [Case(self.mode, h, w, b, s, d) for (h, w) in self.sizes for b in self.batches for s in self.steps
+                for d in self.decoders]
 
 
 def case_inputs(case: Case, manifest: Any, settings: Settings, scheduler: str) -> CaseInputs:
@@ -83,13 +93,19 @@ def case_inputs(case: Case, manifest: Any, settings: Settings, scheduler: str) -
 def case_flops(engine: Path, manifest: Any, case: Case, guided: bool) -> dict[str, dict[str, Any]]:
     """FLOPs of one call of each component at the case's shapes, from the engine's fp32 ONNX."""
     dims = component_dims(manifest, case, guided)
-    names = (UNET,) if case.mode == UNET_ONLY else (TEXT_ENCODER, UNET, VAE_DECODER)
-    return {n: flops_mod.graph_flops(engine / manifest.components[n].files["fp32"], dims[n]).as_dict() for n in names}
+    names = (UNET,) if case.mode == UNET_ONLY else (TEXT_ENCODER, UNET, case.decoder_component)
+    # Keyed by stage: the tiny decoder's FLOPs are the vae_decoder stage's in its cases.
+    return {STAGE_OF[n]: flops_mod.graph_flops(engine / manifest.components[n].files["fp32"], dims[n]).as_dict()
+            for n in names}
 
 
 def make_systems(settings: Settings, manifest: Any) -> tuple[list[System], str]:
     """Ours first, then the baselines asked for (diffusers from the source checkpoint); the sampler."""
     threads = cpu_threads()
+    tiny = "tiny" in settings.decoders
+    if tiny and TINY_VAE_DECODER not in manifest.components:
+        raise ValueError(f"--decoders tiny: {settings.engine} has no {TINY_VAE_DECODER}; export it with "
+                         "engine-export --tiny-vae PATH")
     ours = OursSystem(settings.engine, settings.backend)
     scheduler = settings.scheduler or ours.pipe.default_scheduler
     systems: list[System] = [ours]
@@ -100,7 +116,10 @@ def make_systems(settings: Settings, manifest: Any) -> tuple[list[System], str]:
             checkpoint = settings.checkpoint or manifest.source.get("checkpoint")
             if not checkpoint or not Path(checkpoint).is_dir():
                 raise ValueError(f"diffusers baseline: source checkpoint {checkpoint!r} is not a local folder; pass --checkpoint DIR")
-            systems.append(DiffusersSystem(checkpoint, settings.mode, scheduler, threads))
+            tiny_vae = (settings.tiny_vae or manifest.source.get("tiny_vae")) if tiny else None
+            if tiny and (not tiny_vae or not Path(tiny_vae).is_dir()):
+                raise ValueError(f"diffusers baseline: tiny VAE {tiny_vae!r} is not a local folder; pass --tiny-vae DIR")
+            systems.append(DiffusersSystem(checkpoint, settings.mode, scheduler, threads, tiny_vae))
         elif name == "ours-unfused":
             systems.append(OursSystem(settings.engine, settings.backend, unfused=True))
         else:
@@ -254,6 +273,7 @@ def _settings_dict(s: Settings) -> dict[str, Any]:
     d["engine"] = str(s.engine)
     d["sizes"] = [list(x) for x in s.sizes]
     d["batches"], d["steps"], d["baselines"] = list(s.batches), list(s.steps), list(s.baselines)
+    d["decoders"] = list(s.decoders)
     return d
 
 
@@ -274,6 +294,10 @@ def notes(settings: Settings, engine: dict[str, Any], mach: dict[str, Any]) -> l
         out.append("diffusers: eager PyTorch (SDPA attention), fp32 on CPU / fp16 on GPU, torch threads = ORT threads; "
                    "its step_graph stage is scheduler.step (guidance is in the pipeline body), its tokenize stage the "
                    "tokenizer calls, its vae_decoder stage vae.decode without post-processing")
+    if "tiny" in settings.decoders:
+        out.append("tiny decoder cases: ours decodes with the engine's tiny_vae_decoder graph (engine-export --tiny-vae), "
+                   "diffusers with the same AutoencoderTiny (pipe.vae = AutoencoderTiny); their vae_decoder stage is that "
+                   "decoder")
     if any(b.startswith("openvino") for b in settings.baselines):
         out.append("openvino: CPU plugin on the engine's fp32 ONNX reshaped to static shapes and compiled per case "
                    "(compile time not measured), PERFORMANCE_HINT=LATENCY, INFERENCE_PRECISION_HINT=f32 for 'openvino' "

@@ -117,11 +117,12 @@ SYSTEM = obj(
     {"agreement": mapping(number())},
 )
 FLOPS = obj({"flops": integer(minimum=0), "macs_by_op": mapping(integer(minimum=0)), "unresolved_nodes": integer(minimum=0)})
+DECODERS = ("full", "tiny")  # generate's decoder= (engine/specs.py DECODERS)
 CASE = obj({
     "mode": string(choices=MODES), "height": integer(minimum=1), "width": integer(minimum=1),
     "batch": integer(minimum=1), "steps": integer(nullable=True, minimum=1),
     "flops": mapping(FLOPS), "systems": obj({"ours": SYSTEM}, ), "ratios": mapping(mapping(number(nullable=True))),
-})
+}, {"decoder": string(nullable=True, choices=DECODERS)})  # absent in results before the tiny decoder: full
 DOCUMENT = obj({
     "schema_version": integer(minimum=1),
     "tool": string(choices=("engine-bench",)),
@@ -145,7 +146,7 @@ DOCUMENT = obj({
         "guidance_scale": number(minimum=0), "warmup": integer(minimum=0), "runs": integer(minimum=1),
         "baselines": array(string()), "checkpoint": string(nullable=True), "mode": string(choices=MODES),
         "prompt": string(), "seed": integer(), "threads": integer(minimum=1),
-    }),
+    }, {"decoders": array(string(choices=DECODERS), 1), "tiny_vae": string(nullable=True)}),
     "cases": array(CASE, 1),
     "notes": array(string()),
 })

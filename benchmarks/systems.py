@@ -18,6 +18,8 @@ import numpy as np
 from diffusion_engine.benchmarks.measure import StageTimes, TimedSession, rss_bytes
 from diffusion_engine.engine.manifest import read_manifest
 from diffusion_engine.engine.specs import (
+    DECODERS,
+    DEFAULT_DECODER,
     ENCODER_HIDDEN_STATES,
     IMAGES,
     INPUT_IDS,
@@ -29,6 +31,7 @@ from diffusion_engine.engine.specs import (
     STEP_UNGUIDED,
     TEXT_ENCODER,
     TIMESTEP,
+    TINY_VAE_DECODER,
     UNET,
     VAE_DECODER,
 )
@@ -45,24 +48,37 @@ MODES = (E2E, UNET_ONLY)
 STAGES = ("tokenize", "text_encoder", "unet", "step_graph", "vae_decoder", "end_to_end")
 PER_CALL = ("unet", "step_graph")  # summarised per call; other stages per run
 MODEL_STAGES = ("text_encoder", "unet", "vae_decoder")
-STAGE_OF = {TEXT_ENCODER: "text_encoder", UNET: "unet", VAE_DECODER: "vae_decoder",
+# Both decoders time as the vae_decoder stage: a case names the one it ran (Case.decoder).
+STAGE_OF = {TEXT_ENCODER: "text_encoder", UNET: "unet", VAE_DECODER: "vae_decoder", TINY_VAE_DECODER: "vae_decoder",
             **{name: "step_graph" for name in STEP_GRAPHS}}
 
 
 @dataclass(frozen=True)
 class Case:
-    """One measured configuration: image size, images per call, denoising steps (None: UNet only)."""
+    """One measured configuration: image size, images per call, denoising steps (None: UNet only), and the
+    decoder (generate's decoder=: "full" or "tiny"; None: UNet only)."""
 
     mode: str
     height: int
     width: int
     batch: int
     steps: int | None
+    decoder: str | None = DEFAULT_DECODER
 
     @property
     def label(self) -> str:
         tail = f" {self.steps} steps" if self.steps else " one guided UNet call"
-        return f"{self.width}x{self.height} batch {self.batch}{tail}"
+        return f"{self.width}x{self.height} batch {self.batch}{tail}{decoder_tail(self.decoder)}"
+
+    @property
+    def decoder_component(self) -> str:
+        """The component that decodes this case's images."""
+        return DECODERS[self.decoder or DEFAULT_DECODER]
+
+
+def decoder_tail(decoder: str | None) -> str:
+    """A case label's note of a decoder other than the default."""
+    return f" {decoder} decoder" if decoder not in (None, DEFAULT_DECODER) else ""
 
 
 @dataclass
@@ -103,7 +119,7 @@ def component_dims(manifest: Any, case: Case, guided: bool) -> dict[str, dict[st
     return {
         TEXT_ENCODER: {"batch": rows, "sequence": d.max_text_length},
         UNET: {"batch": rows, "sequence": d.max_text_length, **lat},
-        VAE_DECODER: {"batch": case.batch, **lat},
+        case.decoder_component: {"batch": case.batch, **lat},
     }
 
 
@@ -169,7 +185,7 @@ class OursSystem:
         result = self.pipe.generate(
             inputs.prompt, inputs.negative_prompt, steps=case.steps, guidance_scale=inputs.guidance_scale,
             scheduler=inputs.scheduler, height=case.height, width=case.width, batch_size=case.batch,
-            latents=inputs.latents,
+            latents=inputs.latents, decoder=case.decoder or DEFAULT_DECODER,
         )
         total = time.perf_counter() - start
         calls = {**self.times.calls, "tokenize": [result.timings["tokenize"]], "end_to_end": [total]}
@@ -232,11 +248,11 @@ class OpenVinoSystem:
         key = (case.mode, tuple(sorted((k, tuple(sorted(v.items()))) for k, v in shapes.items())))
         if key == self._compiled_for:
             return
-        for name in (TEXT_ENCODER, UNET, VAE_DECODER):
+        for name in (TEXT_ENCODER, UNET, *DECODERS.values()):
             old = self.sessions.pop(name, None)
             if old is not None:
                 old.close()
-        names = (UNET,) if case.mode == UNET_ONLY else (TEXT_ENCODER, UNET, VAE_DECODER)
+        names = (UNET,) if case.mode == UNET_ONLY else (TEXT_ENCODER, UNET, case.decoder_component)
         start = time.perf_counter()
         for name in names:
             session = OpenVinoSession(self.core, self.engine_dir / m.components[name].files["fp32"], shapes[name], self.config)
@@ -266,7 +282,7 @@ class OpenVinoSystem:
         x = loop_inputs(plan, inputs.latents, {ENCODER_HIDDEN_STATES: text}, inputs.guidance_scale if guided else None, rng)
         loop = HostLoop(self.sessions[UNET], self.sessions[STEP_GUIDED if guided else STEP_UNGUIDED])
         final, _ = loop.run(x)
-        return self.sessions[VAE_DECODER].run({LATENTS: np.ascontiguousarray(final)})[IMAGES]
+        return self.sessions[case.decoder_component].run({LATENTS: np.ascontiguousarray(final)})[IMAGES]
 
     def close(self) -> None:
         for session in self.sessions.values():

@@ -6,7 +6,7 @@ Pure Python + numpy: the lean runtime imports this module.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 import numpy as np
@@ -73,6 +73,13 @@ UNET = "unet"
 VAE_DECODER = "vae_decoder"
 VAE_ENCODER = "vae_encoder"  # image-conditioned requests (img2img, inpainting); engines before it lack it
 COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)  # exported from the checkpoint
+# A second decoder, exported from a tiny autoencoder (diffusers' AutoencoderTiny: TAESD, TAESDXL) where
+# engine-export --tiny-vae gives one: the same latents -> uint8 images contract as the VAE decoder.
+TINY_VAE_DECODER = "tiny_vae_decoder"
+OPTIONAL_COMPONENTS = (TINY_VAE_DECODER,)
+# generate(decoder=...) -> the component that decodes.
+DECODERS = {"full": VAE_DECODER, "tiny": TINY_VAE_DECODER}
+DEFAULT_DECODER = "full"
 # A component's files: "fp32", "fp16", and "cpu": the fp32 graph with its attention fused into ONNX
 # Runtime's MultiHeadAttention (flash attention on the CPU; no [Sq, Skv] scores), what ort-cpu runs.
 CPU_GRAPH = "cpu"
@@ -266,7 +273,8 @@ class ModelDims:
 
 
 def component_specs(m: ModelDims) -> dict[str, ComponentSpec]:
-    """The text encoder, UNet, VAE decoder and encoder specs of a model (SD1.x/2.x, SDXL, LCM by its dims)."""
+    """The text encoder, UNet, VAE decoder and encoder (and the optional tiny VAE decoder) specs of a model
+    (SD1.x/2.x, SDXL, LCM by its dims)."""
     ids = (INPUT_IDS, INPUT_IDS_2)[: m.text_encoders]
     # SDXL's encoders give their penultimate hidden states (prompt_embeds) and a pooled projection.
     text = TensorSpec(PROMPT_EMBEDS if m.pooled_size else LAST_HIDDEN_STATE, "float32",
@@ -298,13 +306,14 @@ def component_specs(m: ModelDims) -> dict[str, ComponentSpec]:
         # In 0..255 levels / 255: fp32 allows rounding flips, fp16 a few levels.
         tolerance=Tolerance(fp32=2 / 255, fp16=12 / 255),
     )
+    tiny_vae_decoder = replace(vae_decoder, name=TINY_VAE_DECODER)
     vae_encoder = ComponentSpec(
         name=VAE_ENCODER,
         inputs=(TensorSpec(IMAGES, "uint8", (BATCH, HEIGHT, WIDTH, 3)),),
         outputs=(TensorSpec(LATENT_MEAN, "float32", latent), TensorSpec(LATENT_STD, "float32", latent)),
         tolerance=Tolerance(fp32=1e-3, fp16=5e-2),
     )
-    return {s.name: s for s in (text_encoder, unet, vae_decoder, vae_encoder)}
+    return {s.name: s for s in (text_encoder, unet, vae_decoder, vae_encoder, tiny_vae_decoder)}
 
 
 def step_spec(m: ModelDims, state_size: int, features: StepFeatures) -> ComponentSpec:

@@ -13,10 +13,14 @@ from tqdm import tqdm
 from diffusion_engine.engine.atomic import run_cli
 from diffusion_engine.engine.extras import require
 from diffusion_engine.engine.manifest import check_engine_out
-from diffusion_engine.engine.specs import COMPONENTS, FAMILIES, BuildRanges, validate_build_ranges
+from diffusion_engine.engine.specs import COMPONENTS, FAMILIES, TINY_VAE_DECODER, BuildRanges, validate_build_ranges
 from diffusion_engine.export.checkpoint import source_kind
+from diffusion_engine.export.tiny_vae import check_against_folder, read_tiny_vae_config
 
-STAGES = ("load checkpoint", "tokenizer", *COMPONENTS, "step graphs")
+
+def stages(tiny_vae: bool) -> tuple[str, ...]:
+    """The export's progress stages, in order."""
+    return ("load checkpoint", "tokenizer", *COMPONENTS, *(TINY_VAE_DECODER,) * tiny_vae, "step graphs")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -32,6 +36,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="override the detected model family (within the checkpoint's architecture), e.g. sd-turbo")
     p.add_argument("--fp16-vae", action="store_true",
                    help="the VAE is fp16-safe (an fp16-fix VAE): its GPU graph is fp16 even where the config says force_upcast")
+    p.add_argument("--tiny-vae", metavar="PATH",
+                   help="a diffusers AutoencoderTiny folder (TAESD for SD1.x/2.x, TAESDXL for SDXL): exported as a "
+                        "second decoder, generate(decoder='tiny') / engine-run --tiny-vae")
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
@@ -72,8 +79,12 @@ def export(args: argparse.Namespace) -> int:
     logging.getLogger("diffusion_engine").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:  # bad arguments fail here, before the heavy imports and any loading
         validate_build_ranges(args.min_size, args.max_size, args.max_batch)
-        source_kind(args.model)
+        kind = source_kind(args.model)
         check_engine_out(args.out, args.overwrite, args.model)
+        if args.tiny_vae:
+            tiny = read_tiny_vae_config(args.tiny_vae)
+            if kind == "diffusers-folder":  # other sources: checked once loaded, before any export work
+                check_against_folder(tiny, args.tiny_vae, args.model)
         require("export", "engine-export")
     except (ValueError, OSError, ImportError) as exc:
         print(f"engine-export: error: {exc}", file=sys.stderr)
@@ -93,12 +104,13 @@ def _export(args: argparse.Namespace) -> int:
     _quiet_libraries()
     options = ExportOptions(
         BuildRanges(args.min_size, args.max_size, args.max_batch), fp16=not args.no_fp16, overwrite=args.overwrite,
-        family=args.family, fp16_vae=args.fp16_vae,
+        family=args.family, fp16_vae=args.fp16_vae, tiny_vae=args.tiny_vae,
     )
     start = time.perf_counter()
-    with tqdm(total=len(STAGES), unit="stage", file=sys.stderr) as bar:
+    names = stages(bool(args.tiny_vae))
+    with tqdm(total=len(names), unit="stage", file=sys.stderr) as bar:
         def progress(stage: str) -> None:
-            if bar.n or stage != STAGES[0]:
+            if bar.n or stage != names[0]:
                 bar.update(1)
             bar.set_description(stage)
 

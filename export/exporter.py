@@ -7,10 +7,13 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import onnx
+
+if TYPE_CHECKING:
+    import torch
 
 from diffusion_engine.engine.atomic import atomic_directory, write_atomic
 from diffusion_engine.engine.manifest import (
@@ -28,6 +31,7 @@ from diffusion_engine.engine.specs import (
     MASKED_IMAGE_START,
     STATE_SIZE,
     STEP,
+    TINY_VAE_DECODER,
     TIME_IDS,
     TIMESTEP,
     TIMESTEP_COND,
@@ -48,6 +52,7 @@ from diffusion_engine.runtime.samplers import default_sampler
 from diffusion_engine.export import attention, components, fp16, validate
 from diffusion_engine.export.components import export_dims
 from diffusion_engine.export.checkpoint import Checkpoint, load_checkpoint, text_tokenizers
+from diffusion_engine.export.tiny_vae import check_tiny_vae, load_tiny_vae, read_tiny_vae_config
 from diffusion_engine.export.tokenizer import TOKENIZER_2_FILE, TOKENIZER_FILE, save_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -67,6 +72,7 @@ class ExportOptions:
     overwrite: bool = False
     family: str | None = None
     fp16_vae: bool = False  # the VAE is an fp16-fix VAE: its GPU graph may be fp16 (SDXL)
+    tiny_vae: str | None = None  # a diffusers AutoencoderTiny folder: exported as a second decoder
 
 
 @dataclass(frozen=True)
@@ -90,11 +96,15 @@ def export_engine(
 ) -> tuple[Manifest, list[ComponentReport]]:
     """Load `source`, export every component, validate it, and write the engine directory atomically."""
     check_engine_out(out, options.overwrite, source)  # before any loading: never the source, never a user's folder
+    tiny_config = read_tiny_vae_config(options.tiny_vae) if options.tiny_vae else None
     progress("load checkpoint")
     ckpt = load_checkpoint(source, config=config, family=options.family)
     dims = ckpt.dims
     check_ranges(options.ranges, dims)
+    if tiny_config is not None:  # before any export work: it must decode this checkpoint's latents
+        check_tiny_vae(tiny_config, options.tiny_vae, dims.latent_channels, dims.vae_scale_factor)
     specs = component_specs(dims)
+    source_record = {"checkpoint": ckpt.source, "kind": ckpt.kind, "digest": ckpt.digest}
     with atomic_directory(out, options.overwrite, source, is_engine_directory, "an engine directory") as tmp:
         progress("tokenizer")
         tokenizers = text_tokenizers(ckpt.pipeline)  # the refiner's one is its tokenizer_2
@@ -105,6 +115,13 @@ def export_engine(
             progress(name)
             entries[name], report = export_one(ckpt, specs[name], options, tmp, fp32_reason(ckpt, name, options))
             reports.append(report)
+        if options.tiny_vae:
+            progress(TINY_VAE_DECODER)
+            tiny, digest = load_tiny_vae(options.tiny_vae)
+            entries[TINY_VAE_DECODER], report = export_one(ckpt, specs[TINY_VAE_DECODER], options, tmp,
+                                                           module=components.VaeDecoder(tiny).eval())
+            reports.append(report)
+            source_record.update(tiny_vae=str(options.tiny_vae), tiny_vae_digest=digest)
         progress("step graphs")
         for features in step_features(dims):
             spec = step_spec(dims, STATE_SIZE, features)
@@ -115,7 +132,7 @@ def export_engine(
         manifest = Manifest(
             family=ckpt.family, prediction_type=ckpt.prediction_type, dims=dims, build=options.ranges,
             scheduler_config=ckpt.scheduler_config, tokenizer=tokenizer, components=entries,
-            source={"checkpoint": ckpt.source, "kind": ckpt.kind, "digest": ckpt.digest},
+            source=source_record,
             tool_versions=tool_versions(), defaults=generation_defaults(ckpt), tokenizer_2=tokenizer_2,
             force_zeros_for_empty_prompt=ckpt.force_zeros_for_empty_prompt, checksums=checksums(tmp),
         )
@@ -157,14 +174,16 @@ def check_ranges(ranges: BuildRanges, dims: ModelDims) -> None:
 
 def export_one(
     ckpt: Checkpoint, spec: ComponentSpec, options: ExportOptions, out: Path, keep_fp32: str | None = None,
+    module: torch.nn.Module | None = None,
 ) -> tuple[ComponentEntry, ComponentReport]:
     """Export, convert and validate one component; return its manifest entry and report row.
 
     With `keep_fp32` (the reason) the GPU runs the fp32 graph whatever the fp16 check says, so a
-    failed fp16 check is recorded (and that graph dropped) instead of failing the export.
+    failed fp16 check is recorded (and that graph dropped) instead of failing the export. `module`:
+    the export wrapper where it is not the checkpoint's own component (the tiny VAE decoder).
     """
     start = time.perf_counter()
-    module = components.wrap(spec.name, ckpt.pipeline)
+    module = components.wrap(spec.name, ckpt.pipeline) if module is None else module
     ranges = options.ranges.axis_ranges(spec, ckpt.dims)
     files = {"fp32": f"{spec.name}.fp32.onnx"}
     components.export_component(module, spec, ranges, out / files["fp32"], vocab_size=_vocab(ckpt))

@@ -69,6 +69,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"SDXL refiner: the unconditional rows' aesthetic score (default {NEGATIVE_AESTHETIC_SCORE})")
     p.add_argument("--resize-mode", choices=RESIZE_MODES,
                    help="img2img: fit an --image (and --mask) of another size than --height x --width (default: refuse)")
+    p.add_argument("--tiny-vae", action="store_true",
+                   help="decode with the engine's tiny autoencoder (TAESD / TAESDXL; engine-export --tiny-vae PATH) "
+                        "instead of the checkpoint's VAE")
     p.add_argument("--out", default="out.png", help="PNG path; with --batch N > 1, -0, -1, ... are added")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto: trt with a GPU, TensorRT and built plans, else ort-cuda, else ort-cpu")
@@ -131,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
                 image=args.image, strength=args.strength, resize_mode=args.resize_mode, mask=args.mask,
                 keep_unmasked=not args.no_keep_unmasked, refiner=refiner, refiner_start=args.refiner_start,
                 aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
+                decoder="tiny" if args.tiny_vae else "full",
             )
     except (ValueError, ManifestError, demo.DemoError, BackendUnavailable) as exc:
         print(f"engine-run: error: {exc}", file=sys.stderr)
@@ -144,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
     p = result.parameters
     print(f"{p['width']}x{p['height']}, {p['steps']} steps of {p['scheduler']}, guidance {p['guidance_scale']}, "
-          f"seed {result.seed}, backend {p['backend']}")
+          f"seed {result.seed}, backend {p['backend']}, {p['decoder']} decoder")
     print("  ".join(f"{k} {v * 1000:.1f} ms" for k, v in result.timings.items()))
     return 0
 

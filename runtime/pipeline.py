@@ -15,6 +15,7 @@ from PIL import Image
 from diffusion_engine.engine.manifest import Manifest, read_manifest
 from diffusion_engine.engine.specs import (
     COMPONENTS,
+    DEFAULT_DECODER,
     ENCODER_HIDDEN_STATES,
     EVALUATIONS,
     FAMILY_DEFAULTS,
@@ -45,6 +46,8 @@ from diffusion_engine.engine.specs import (
     TEXT_ENCODER,
     TIME_IDS,
     TIMESTEP_COND,
+    TINY_VAE_DECODER,
+    OPTIONAL_COMPONENTS,
     UNET,
     VAE_DECODER,
     VAE_ENCODER,
@@ -70,6 +73,7 @@ from diffusion_engine.runtime.request import (
     GenerationRequest,
     Job,
     binary_mask,
+    check_decoder,
     check_fraction,
     check_mask_size,
     check_repaints,
@@ -206,7 +210,7 @@ class Pipeline:
         target_size: tuple[int, int] | None = None, image: Any = None, strength: float | None = None,
         resize_mode: str | None = None, mask: Any = None, keep_unmasked: bool = True,
         aesthetic_score: float | None = None, negative_aesthetic_score: float | None = None,
-        refiner: "Pipeline | None" = None, refiner_start: float | None = None,
+        refiner: "Pipeline | None" = None, refiner_start: float | None = None, decoder: str = DEFAULT_DECODER,
     ) -> GenerationResult:
         """Generate batch_size images per prompt: the keyword form of `run(GenerationRequest(...))`.
 
@@ -231,7 +235,7 @@ class Pipeline:
         # GPU backends run on one stream: one request at a time there (the lock is a no-op on CPU).
         with self.components.lock:
             final = self._latents(job, ids, progress, timings)
-            pixels = self._decode(final, timings)
+            pixels = self._decode(final, timings, job.decoder)
         if job.pixel_mask is not None and request.keep_unmasked:  # the kept pixels are the image's own
             pixels = np.where(job.pixel_mask[None, :, :, None] > 0, pixels, job.pixels).astype(np.uint8)
         timings["total"] = time.perf_counter() - start
@@ -245,10 +249,11 @@ class Pipeline:
         image_latents, masked_latents = self._encode_image(job, timings)
         return self._denoise(job, static, image_latents, masked_latents, progress, timings, handed)
 
-    def _decode(self, latents: Any, timings: dict[str, float]) -> np.ndarray:
+    def _decode(self, latents: Any, timings: dict[str, float], decoder: str = VAE_DECODER) -> np.ndarray:
+        """The final latents to uint8 pixels with `decoder` (the VAE decoder or the tiny one), timed under its name."""
         t = time.perf_counter()
-        pixels = np.asarray(self.sessions[VAE_DECODER].run({LATENTS: latents})[IMAGES])  # the one device->host copy
-        timings["vae_decoder"] = time.perf_counter() - t
+        pixels = np.asarray(self.sessions[decoder].run({LATENTS: latents})[IMAGES])  # the one device->host copy
+        timings[decoder] = time.perf_counter() - t
         return pixels
 
     def _run_refined(self, request: GenerationRequest, progress: Progress | None) -> GenerationResult:
@@ -268,11 +273,12 @@ class Pipeline:
         ids = refiner._tokenize(refined, part)
         with refiner.components.lock:
             report = None if progress is None else (lambda done, _: progress(first + done, total))
-            pixels = refiner._decode(refiner._latents(refined, ids, report, part, handed), part)
-        timings.update({f"refiner_{k}" if k != "vae_decoder" else k: v for k, v in part.items()})
+            pixels = refiner._decode(refiner._latents(refined, ids, report, part, handed), part, refined.decoder)
+        timings.update({f"refiner_{k}" if k != refined.decoder else k: v for k, v in part.items()})
         timings["total"] = time.perf_counter() - start
         fraction = REFINER_START if request.refiner_start is None else float(request.refiner_start)
-        parameters = {**base.parameters(), "refiner": str(refiner.engine_dir), "refiner_family": refiner.manifest.family,
+        parameters = {**base.parameters(), "decoder": request.decoder, "refiner": str(refiner.engine_dir),
+                      "refiner_family": refiner.manifest.family,
                       "refiner_start": fraction, "base_evaluations": first,
                       "refiner_evaluations": refined.plan.num_evaluations}
         own = refined.parameters()
@@ -300,8 +306,9 @@ class Pipeline:
             raise ValueError("refiner= with mask= is not supported; inpaint with the base, then refine the result "
                              "(the refiner's own generate(image=..., strength=...))")
         fraction = check_fraction("refiner_start", REFINER_START if r.refiner_start is None else r.refiner_start)
+        # The refiner decodes: the base's decoder is never used (the refiner's is checked in _continuation).
         base = self.prepare(replace(r, refiner=None, refiner_start=None, aesthetic_score=None,
-                                    negative_aesthetic_score=None))
+                                    negative_aesthetic_score=None, decoder=DEFAULT_DECODER))
         try:
             base = replace(base, plan=denoising_end_plan(base.plan, self.manifest.scheduler_config, fraction))
         except ValueError as exc:
@@ -314,6 +321,7 @@ class Pipeline:
         try:  # the base's settings must fit this engine's build too
             self._check(base.steps, base.guidance_scale, base.scheduler, base.height, base.width, r.batch_size, base.n)
             self._check_conditioning(base.negatives, r.guidance_rescale)
+            decoder = check_decoder(r.decoder, self.sessions)
         except ValueError as exc:
             raise ValueError(f"refiner {self.engine_dir}: {exc}") from exc
         config = self.manifest.scheduler_config
@@ -333,7 +341,7 @@ class Pipeline:
         return Job(r, base.prompts, base.negatives, base.steps, base.guidance_scale, base.scheduler, base.height,
                    base.width, base.n, size_ids, plan, base.seed, base.rng, None, guided,
                    r.guidance_rescale if guided and r.guidance_rescale > 0 else None, None, None, self.backend,
-                   self.manifest.family, None, negative_size_ids=negative_ids)
+                   self.manifest.family, None, negative_size_ids=negative_ids, decoder=decoder)
 
     def prepare(self, request: GenerationRequest) -> Job:
         """Check a request against this engine and fill in its defaults; draws the initial noise. No model runs."""
@@ -348,6 +356,7 @@ class Pipeline:
             raise ValueError(f"this {REFINER_FAMILY} engine refines images: pass image=... (with strength), or use it "
                              "as refiner= of an SDXL base's generate")
         prompts, negatives = prompt_lists(r.prompt, r.negative_prompt)
+        decoder = check_decoder(r.decoder, self.sessions)
         pixels = self._image(r)
         levels = self._mask(r, pixels)
         size = pixels.shape[:2] if pixels is not None else (None, None)
@@ -395,7 +404,7 @@ class Pipeline:
                    rng, noise, guided, r.guidance_rescale if guided and r.guidance_rescale > 0 else None,
                    pixels, posterior_noise, self.backend, self.manifest.family, strength,
                    None if binary is None else latent_mask(binary, f), masked, masked_noise,
-                   binary if levels is not None else None, negative_ids)
+                   binary if levels is not None else None, negative_ids, decoder)
 
     def _image(self, r: GenerationRequest) -> np.ndarray | None:
         """The request's init image as uint8 HxWx3, checked (this engine must have a VAE encoder)."""
@@ -625,7 +634,7 @@ class Pipeline:
         f = self.manifest.dims.vae_scale_factor
         sizes = {HEIGHT: height, WIDTH: width, LATENT_HEIGHT: height // f, LATENT_WIDTH: width // f}
         unet_rows = n * (2 if guided else 1)
-        rows = {TEXT_ENCODER: unet_rows, UNET: unet_rows, VAE_DECODER: n, VAE_ENCODER: 1}
+        rows = {TEXT_ENCODER: unet_rows, UNET: unet_rows, VAE_DECODER: n, TINY_VAE_DECODER: n, VAE_ENCODER: 1}
         needs = {name: memory.score_bytes(self.manifest.components[name], sizes, k)
                  for name, k in rows.items() if name in self.sessions}
         name, need = max(((k, v) for k, v in needs.items() if v), key=lambda kv: kv[1], default=(None, 0))
@@ -651,11 +660,13 @@ class Pipeline:
 
 
 def runtime_components(manifest: Manifest) -> tuple[str, ...]:
-    """The components a Pipeline opens: every exported one and the step graphs the engine has.
+    """The components a Pipeline opens: every exported one (the tiny VAE decoder where exported) and the
+    step graphs the engine has.
 
     (Engines exported before guidance rescale have no step_rescaled graph.)
     """
-    return tuple(name for name in COMPONENTS + STEP_GRAPHS + IMAGE_GRAPHS if name in manifest.components)
+    names = COMPONENTS + OPTIONAL_COMPONENTS + STEP_GRAPHS + IMAGE_GRAPHS
+    return tuple(name for name in names if name in manifest.components)
 
 
 def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:

@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from diffusion_engine.engine.specs import DEFAULT_DECODER, DECODERS, VAE_DECODER
 from diffusion_engine.runtime.samplers import SamplerPlan, img2img_start
 
 # A1111's img2img resize modes: stretch to the size; scale to cover, then crop the centre; scale to
@@ -35,6 +36,8 @@ class GenerationRequest:
     `refiner` (a Pipeline of an sdxl-refiner engine, on an SDXL base) takes over the base's latents at
     `refiner_start` (a fraction of the schedule in (0, 1); None: 0.8) and denoises the rest: diffusers'
     base + refiner "ensemble of experts" (denoising_end / denoising_start); it decodes the image.
+    `decoder` (DECODERS): "full", the checkpoint's VAE, or "tiny", the engine's tiny autoencoder
+    (TAESD / TAESDXL, exported with engine-export --tiny-vae).
     """
 
     prompt: str | Sequence[str]
@@ -60,6 +63,7 @@ class GenerationRequest:
     negative_aesthetic_score: float | None = None
     refiner: Any = None
     refiner_start: float | None = None
+    decoder: str = DEFAULT_DECODER
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -232,6 +236,7 @@ class Job:
     masked_posterior_noise: np.ndarray | None = None
     pixel_mask: np.ndarray | None = None  # the request's own mask, binarised, float32 [H, W]: the paste-back
     negative_size_ids: tuple[float, ...] | None = None  # the unconditional rows' time ids where they differ (refiner)
+    decoder: str = VAE_DECODER  # the component that decodes the final latents (DECODERS[request.decoder])
 
     @property
     def pure_noise_start(self) -> bool:
@@ -252,7 +257,7 @@ class Job:
             "steps": self.steps, "guidance_scale": self.guidance_scale,
             "guidance_rescale": self.request.guidance_rescale, "scheduler": self.scheduler, "seed": self.seed,
             "height": self.height, "width": self.width, "batch_size": self.request.batch_size,
-            "backend": self.backend, "family": self.family,
+            "backend": self.backend, "family": self.family, "decoder": self.request.decoder,
         }
         if self.size_ids is not None:
             params["time_ids"] = list(self.size_ids)
@@ -279,6 +284,18 @@ def check_score(name: str, value: Any) -> float:
     if not number or not np.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)
+
+
+def check_decoder(decoder: Any, available: Any) -> str:
+    """The component that decodes for `decoder` (DECODERS), which must be one of the engine's (`available`)."""
+    if not isinstance(decoder, str) or decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {', '.join(map(repr, DECODERS))}, got {decoder!r}")
+    name = DECODERS[decoder]
+    if name not in available:
+        have = ", ".join(repr(k) for k, v in DECODERS.items() if v in available)
+        raise ValueError(f"decoder {decoder!r}: this engine has no {name} (export it with engine-export --tiny-vae "
+                         f"PATH); its decoders: {have}")
+    return name
 
 
 def check_seed(seed: Any) -> int | None:

@@ -48,13 +48,40 @@ def tiny_pipeline(tiny_checkpoint):
 
 
 @pytest.fixture(scope="session")
-def tiny_engine(tiny_checkpoint, tmp_path_factory) -> Path:
+def tiny_vae(tmp_path_factory) -> Path:
+    """A tiny AutoencoderTiny (TAESD's architecture, toy width) for the tiny checkpoints' latents."""
+    from diffusion_engine.train.tiny import build_tiny_vae
+
+    return build_tiny_vae(tmp_path_factory.mktemp("tiny-vae") / "taesd", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_checkpoint, tiny_vae, tmp_path_factory) -> Path:
+    """The tiny checkpoint's engine, with the tiny VAE as its second decoder (generate(decoder="tiny"))."""
     from diffusion_engine.engine.specs import BuildRanges
     from diffusion_engine.export.exporter import ExportOptions, export_engine
 
     out = tmp_path_factory.mktemp("engines") / "tiny"
-    export_engine(str(tiny_checkpoint), out, ExportOptions(BuildRanges(MIN_SIZE, MAX_SIZE, MAX_BATCH)))
+    export_engine(str(tiny_checkpoint), out,
+                  ExportOptions(BuildRanges(MIN_SIZE, MAX_SIZE, MAX_BATCH), tiny_vae=str(tiny_vae)))
     return out
+
+
+@pytest.fixture(scope="session")
+def engine_without_tiny(tiny_engine, tmp_path_factory) -> Path:
+    """The tiny engine as an export without --tiny-vae writes it (no tiny_vae_decoder, its files or checksums)."""
+    import json
+    import shutil
+
+    copy = tmp_path_factory.mktemp("no-tiny") / "engine"
+    shutil.copytree(tiny_engine, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    entry = manifest["components"].pop("tiny_vae_decoder")
+    for name in entry["files"].values():
+        (copy / name).unlink()
+        manifest["checksums"].pop(name)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
 
 
 @pytest.fixture(scope="session")

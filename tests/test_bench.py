@@ -206,3 +206,55 @@ def test_unet_mode_against_the_unfused_graph(tiny_engine):
           f"run RSS increase ours {ours['run_rss_increase_bytes'] / 1e6:.0f} MB, unfused "
           f"{theirs['run_rss_increase_bytes'] / 1e6:.0f} MB, rel error {theirs['agreement']['rel_error']:.2g}")
     assert theirs["agreement"]["rel_error"] < 1e-5 and case["ratios"]["ours-unfused"]["unet"] > 0
+
+
+def test_bench_full_and_tiny_decoders_in_one_run(tiny_engine, tiny_vae, tmp_path):
+    """--decoders full,tiny: each case once per decoder in the same run; diffusers decodes its tiny cases with the
+    same AutoencoderTiny (the manifest's tiny_vae), so both decoders' images agree with ours."""
+    from diffusion_engine.benchmarks.flops import graph_flops
+
+    out = tmp_path / "tiny.json"
+    args = ["--engine", str(tiny_engine), "--sizes", "256x256", "--steps", "1,2", "--runs", "1", "--warmup", "0",
+            "--scheduler", "euler", "--baseline", "diffusers", "--decoders", "full,tiny", "--json", str(out)]
+    assert main(args) == 0
+    doc = json.loads(out.read_text())
+    schema.validate(doc)
+    assert [(c["steps"], c["decoder"]) for c in doc["cases"]] == [(1, "full"), (1, "tiny"), (2, "full"), (2, "tiny")]
+    dims = {"batch": 1, "latent_height": 32, "latent_width": 32}
+    for case in doc["cases"]:
+        name = {"full": "vae_decoder", "tiny": "tiny_vae_decoder"}[case["decoder"]]
+        psnr_db = case["systems"]["diffusers"]["agreement"]["psnr_db"]
+        print(f"{case['steps']} steps, {case['decoder']} decoder: ours vs diffusers {psnr_db:.1f} dB, vae_decoder p50 "
+              f"ours {case['systems']['ours']['stages']['vae_decoder']['p50'] * 1e3:.1f} ms, diffusers "
+              f"{case['systems']['diffusers']['stages']['vae_decoder']['p50'] * 1e3:.1f} ms")
+        assert psnr_db >= 40.0
+        assert case["flops"]["vae_decoder"]["flops"] == graph_flops(tiny_engine / f"{name}.fp32.onnx", dims).flops
+        assert all("vae_decoder" in s["stages"] for s in case["systems"].values())
+    assert "tiny decoder" in out.with_suffix(".md").read_text()
+    assert any("AutoencoderTiny" in n for n in doc["notes"])
+
+
+def test_bench_tiny_decoder_refusals(engine_without_tiny, tiny_engine, capsys):
+    from diffusion_engine.benchmarks.runner import Settings
+
+    assert main(["--engine", str(engine_without_tiny), "--decoders", "full,tiny", "--runs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--decoders tiny: {engine_without_tiny} has no tiny_vae_decoder" in err
+    with pytest.raises(SystemExit):
+        main(["--engine", str(tiny_engine), "--decoders", "small"])
+    assert "unknown decoder 'small'; valid: full, tiny" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unet mode decodes nothing"):
+        Settings(engine=tiny_engine, mode="unet", decoders=("tiny",))
+
+
+def test_random_taesd_fits_the_realistic_checkpoints():
+    """models.taesd (written by `python -m diffusion_engine.benchmarks.models sd15 --tiny-vae`) decodes the SD1.5 and
+    SDXL architectures' latents: engine-export --tiny-vae accepts it for both."""
+    from diffusion_engine.benchmarks import models
+    from diffusion_engine.export.tiny_vae import check_tiny_vae, tiny_vae_factor
+
+    config = dict(models.taesd(0).config)
+    factor = 2 ** (len(models.SD_VAE["block_out_channels"]) - 1)
+    print(f"TAESD architecture: {config['latent_channels']} latent channels, factor {tiny_vae_factor(config)}; "
+          f"SD VAE: {models.SD_VAE['latent_channels']}, factor {factor}")
+    check_tiny_vae(config, "taesd", models.SD_VAE["latent_channels"], factor)

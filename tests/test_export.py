@@ -44,7 +44,7 @@ def load_checkpoint_dims(pipe):
 def test_manifest_lists_components_with_errors(tiny_engine):
     m = read_manifest(tiny_engine)
     generated = (*STEP_GRAPHS, "image_start", "image_start_unguided")  # no masked_image_start: a 4-channel UNet
-    assert set(m.components) == {"text_encoder", "unet", "vae_decoder", "vae_encoder", *generated}
+    assert set(m.components) == {"text_encoder", "unet", "vae_decoder", "vae_encoder", "tiny_vae_decoder", *generated}
     assert (m.family, m.prediction_type) == ("sd1", "epsilon")
     assert m.build == BuildRanges(MIN_SIZE, MAX_SIZE, MAX_BATCH)
     for name in generated:  # generated, fp32 everywhere, checked against numpy
@@ -54,8 +54,10 @@ def test_manifest_lists_components_with_errors(tiny_engine):
     for name, c in m.components.items():
         if name in generated:
             continue
-        # The text encoder's causal attention stays as it is; the UNet's and the VAE's are fused for the CPU.
-        assert set(c.files) == {"fp32", "fp16"} | ({"cpu"} if name != "text_encoder" else set())
+        # The text encoder's causal attention stays as it is; the UNet's and the VAE's are fused for the CPU
+        # (the tiny VAE decoder has no attention).
+        fused = name not in ("text_encoder", "tiny_vae_decoder")
+        assert set(c.files) == {"fp32", "fp16"} | ({"cpu"} if fused else set())
         assert all((tiny_engine / f).is_file() for f in c.files.values())
         for precision in c.files:
             shapes = c.parity[precision]

@@ -26,6 +26,7 @@ TINY_INFO = "tiny_checkpoint.json"  # what build_tiny wrote: builder, family, se
 # The "builder" ids TINY_INFO records: unchanged since this module was export/tiny.py, so folders
 # written before the move are still recognised and reused.
 SD1_BUILDER, BUILDER = "diffusion_engine.export.tiny.build_tiny_sd1", "diffusion_engine.export.tiny.build_tiny"
+TINY_VAE_BUILDER = "diffusion_engine.train.tiny.build_tiny_vae"
 TINY_TEXT_HIDDEN = 32
 
 
@@ -127,8 +128,9 @@ def build_tiny_sd1(out_dir: str | os.PathLike, seed: int = 0, overwrite: bool = 
 
 
 def _is_tiny_checkpoint(path: Path) -> bool:
-    """True if path is a checkpoint this module wrote (it has tiny_checkpoint.json)."""
-    return (path / "model_index.json").is_file() and (path / TINY_INFO).is_file()
+    """True if path is a checkpoint (or tiny VAE: a model folder) this module wrote (it has tiny_checkpoint.json)."""
+    model = (path / "model_index.json").is_file() or (path / "config.json").is_file()
+    return model and (path / TINY_INFO).is_file()
 
 
 def _existing(out: Path, overwrite: bool, info: dict) -> bool:
@@ -153,6 +155,8 @@ def _existing(out: Path, overwrite: bool, info: dict) -> bool:
 
 
 def _describe(info: dict) -> str:
+    if info.get("builder") == TINY_VAE_BUILDER:
+        return f"tiny VAE, {info.get('latent_channels')} latent channels, seed {info.get('seed')}"
     variant = ", inpainting" if info.get("inpainting") else ""
     return f"family {info.get('family', 'sd1')}{variant}, seed {info.get('seed')}"
 
@@ -299,6 +303,37 @@ def build_tiny(family: str, out_dir: str | os.PathLike, seed: int = 0, overwrite
     return out
 
 
+def tiny_autoencoder(seed: int = 0, latent_channels: int = 4):
+    """A tiny diffusers AutoencoderTiny (TAESD's architecture at width 8, one block per stage: factor 8 as
+    the tiny checkpoints' VAEs), seeded. Its last convolution is biased to mid-grey, so that random weights
+    decode to images with structure and contrast instead of pixels clamped at black."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    vae = AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                          num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1), latent_channels=latent_channels)
+    last = [m for m in vae.decoder.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    with torch.no_grad():
+        last.bias.fill_(0.5)  # DecoderTiny's output x maps to pixels x (x * 2 - 1, then the pipeline's / 2 + 0.5)
+        last.weight.mul_(4.0)  # default init gives ~13 levels of spread; ~50 makes a decode error visible
+    return vae
+
+
+def build_tiny_vae(out_dir: str | os.PathLike, seed: int = 0, overwrite: bool = False, latent_channels: int = 4) -> Path:
+    """Write a tiny, randomly initialised AutoencoderTiny (tiny_autoencoder) in diffusers format; return its path.
+
+    It decodes the tiny checkpoints' latents (4 channels, factor 8); the folder appears atomically.
+    """
+    out = Path(out_dir)
+    info = {"builder": TINY_VAE_BUILDER, "seed": seed, "latent_channels": latent_channels}
+    if _existing(out, overwrite, info):
+        return out
+    _save_atomically(tiny_autoencoder(seed, latent_channels), out, info)
+    logger.info("wrote tiny AutoencoderTiny (seed %d) to %s", seed, out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """`engine-tiny OUT [--family sd1] [--inpainting] [--seed N]`: write a tiny random-weight checkpoint (for tests and demos)."""
     p = argparse.ArgumentParser(prog="engine-tiny", description=main.__doc__.split(": ", 1)[1])
@@ -307,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inpainting", action="store_true",
                    help=f"a 9-channel inpainting UNet ({', '.join(INPAINTING_FAMILIES)})")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tiny-vae", metavar="DIR",
+                   help="also write a tiny AutoencoderTiny for this checkpoint's latents at DIR (engine-export --tiny-vae DIR)")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     return run_cli("engine-tiny", lambda: _build(args))
@@ -316,6 +353,8 @@ def _build(args: argparse.Namespace) -> int:
     try:
         require("export", "engine-tiny")
         print(build_tiny(args.family, args.out, seed=args.seed, overwrite=args.overwrite, inpainting=args.inpainting))
+        if args.tiny_vae:
+            print(build_tiny_vae(args.tiny_vae, seed=args.seed, overwrite=args.overwrite))
     except (OSError, ValueError, ImportError) as exc:
         print(f"engine-tiny: error: {exc}", file=sys.stderr)
         return 2
