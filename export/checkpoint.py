@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from diffusion_engine.engine.digest import file_digest
-from diffusion_engine.engine.specs import AESTHETIC_TIME_IDS, FAMILY_DEFAULTS, SIZE_TIME_IDS, ModelDims
+from diffusion_engine.engine.specs import (
+    AESTHETIC_TIME_IDS,
+    FAMILY_DEFAULTS,
+    SIZE_TIME_IDS,
+    TEXT_ENCODER,
+    UNET,
+    VAE_ENCODER,
+    ModelDims,
+)
 from diffusion_engine.export.errors import CheckpointError
 from diffusion_engine.export.families import SCHEDULER_REQUIREMENTS, detect_family
 
@@ -18,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+# The pipeline modules each component's export is the last to use (the VAE serves decoder and encoder).
+RELEASED_AFTER = {TEXT_ENCODER: ("text_encoder", "text_encoder_2"), UNET: ("unet",), VAE_ENCODER: ("vae",)}
 
 
 @dataclass
@@ -61,6 +71,15 @@ class Checkpoint:
     @property
     def force_zeros_for_empty_prompt(self) -> bool:
         return bool(getattr(self.pipeline.config, "force_zeros_for_empty_prompt", False))
+
+    def release(self, component: str) -> None:
+        """Free the weights of the modules no component after `component` needs (export order:
+        text encoder, UNet, VAE decoder, VAE encoder). The modules stay, on the meta device, with
+        their configs: the checkpoint's dims and defaults still read them."""
+        for attr in RELEASED_AFTER.get(component, ()):
+            module = getattr(self.pipeline, attr, None)
+            if module is not None:
+                module.to("meta")
 
 
 def model_dims(pipe: Any) -> ModelDims:

@@ -9,7 +9,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import onnx
@@ -256,11 +256,45 @@ def export_component(
             dynamic_shapes=_dynamic_shapes(spec, ranges, module),
         )
     logger.debug("torch.onnx output for %s:\n%s", spec.name, log.getvalue())
-    model = program.model_proto
-    name_axes(model, spec)
-    shapes_from_cast(model)
-    save_model(model, path)
-    return model
+    if ir_weight_bytes(program.model) <= EXTERNAL_DATA_BYTES:
+        model = program.model_proto
+        name_axes(model, spec)
+        shapes_from_cast(model)
+        save_model(model, path)
+        return model
+    return save_streamed(program.model, path, lambda model: (name_axes(model, spec), shapes_from_cast(model)))
+
+
+def ir_weight_bytes(model: Any) -> int:
+    """Bytes of an onnx_ir model's initializers (the exporter's model, before any proto is made)."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def save_streamed(model: Any, path: Path, edit: Callable[[onnx.ModelProto], Any]) -> onnx.ModelProto:
+    """Save the exporter's onnx_ir model with its weights in `<name>.data`, one tensor at a time.
+
+    `program.model_proto` would hold a second full copy of the weights next to the module's (10 GB for
+    SDXL's UNet); onnx_ir writes each tensor to the data file as it goes. `edit` then changes the graph
+    (loaded without its weights) before it is saved. Both files get temporary names until complete.
+    Returns the graph without its weights (its initializers point into the data file).
+    """
+    import onnx_ir as ir
+
+    path = Path(path)
+    data, tmp = path.with_name(f"{path.name}.data"), path.with_name(f".{path.name}.tmp")
+    tmp_data = path.with_name(f".{data.name}.tmp")
+    ir.save(model, tmp, external_data=tmp_data.name)
+    graph = onnx.load(str(tmp), load_external_data=False)
+    edit(graph)
+    for init in graph.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                entry.value = data.name
+    os.chmod(tmp_data, 0o666 & ~current_umask())
+    onnx.save_model(graph, tmp)
+    tmp_data.replace(data)
+    tmp.replace(path)
+    return graph
 
 
 def shapes_from_cast(model: onnx.ModelProto) -> None:
@@ -316,8 +350,11 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
         onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
                         location=f"{path.name}.data", size_threshold=1024)
         # The external data file was written beside the temp name under its final name; onnx creates it
-        # 0600: give it the permissions the umask gives, as every other file of the engine.
-        os.chmod(path.with_name(f"{path.name}.data"), 0o666 & ~current_umask())
+        # 0600: give it the permissions the umask gives, as every other file of the engine. (No file
+        # where every tensor is under the size threshold.)
+        data = path.with_name(f"{path.name}.data")
+        if data.exists():
+            os.chmod(data, 0o666 & ~current_umask())
     else:
         onnx.save_model(model, tmp)
     tmp.replace(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ import onnx
 if TYPE_CHECKING:
     import torch
 
-from diffusion_engine.engine.atomic import atomic_directory, write_atomic
+from diffusion_engine.engine.atomic import atomic_directory, current_umask, write_atomic
 from diffusion_engine.engine.manifest import (
     MANIFEST,
     ComponentEntry,
@@ -190,8 +191,8 @@ def export_one(
     notes = []
     if options.fp16:
         files["fp16"] = f"{spec.name}.fp16.onnx"
-        half, kept = fp16.to_fp16(_with_shapes(out / files["fp32"]), FP32_INPUTS)
-        components.save_model(half, out / files["fp16"])
+        kept = fp16.convert_file(out / files["fp32"], out / files["fp16"], FP32_INPUTS, load=_with_shapes,
+                                 save=components.save_model, umask=current_umask())
         if kept:
             sources = ["constants", "shapes"] + [t.name for t in spec.inputs if t.name in FP32_INPUTS]
             fed_by = ", ".join(sources[:-1]) + " or " + sources[-1]
@@ -201,7 +202,13 @@ def export_one(
         files[CPU_GRAPH] = f"{spec.name}.{CPU_GRAPH}.onnx"
         notes.append(f"cpu graph: {fused} attention block{'s' if fused != 1 else ''} fused into MultiHeadAttention (ONNX Runtime's CPU kernel)")
     paths = {p: out / f for p, f in files.items()}
-    parity, failure = validate_component(module, spec, ranges, paths, _vocab(ckpt), fp16_optional=keep_fp32 is not None)
+    parameters = components.parameter_count(module)
+    cases = reference_cases(module, spec, ranges, _vocab(ckpt))
+    # PyTorch's copy of the weights is not needed again: freed before ONNX Runtime loads its own.
+    del module
+    ckpt.release(spec.name)
+    gc.collect()
+    parity, failure = validate_component(cases, spec, paths, fp16_optional=keep_fp32 is not None)
     if failure is not None:
         (out / files.pop("fp16")).unlink()
         notes.append(f"no fp16 graph: it failed its CPU check ({failure})")
@@ -211,7 +218,7 @@ def export_one(
     buffers = attention.score_buffers(cpu_model, spec, ranges, export_dims(ranges, batch=1))
     entry = ComponentEntry.from_spec(
         spec, ranges, files=files, gpu_precision="fp16" if "fp16" in files and not keep_fp32 else "fp32",
-        parameters=components.parameter_count(module),
+        parameters=parameters,
         parity={p: [r.as_dict() for r in rs] for p, rs in parity.items()}, notes=notes,
         score_buffers={CPU_GRAPH if fused else "fp32": buffers},
     )
@@ -261,17 +268,22 @@ def export_generated(spec: ComponentSpec, model: onnx.ModelProto, reference: Cal
     )
 
 
-def validate_component(
-    module, spec: ComponentSpec, ranges, paths: dict[str, Path], vocab: int, fp16_optional: bool = False,
-) -> tuple[dict[str, list[validate.Parity]], validate.ParityError | None]:
-    """Every graph against PyTorch at two shapes (non-square batch 1; batch 2); raises on failure.
-
-    With `fp16_optional` an fp16 failure is returned (and that graph's results dropped) instead.
-    """
+def reference_cases(module, spec: ComponentSpec, ranges, vocab: int) -> list[tuple[dict, dict, dict]]:
+    """The validation's two shapes (non-square batch 1; batch 2): (dims, feeds, PyTorch's outputs) each."""
     cases = []
     for i, dims in enumerate(validate.parity_dims(ranges)):
         feeds = components.example_feeds(spec, {**dims, "vocab_size": vocab}, seed=i + 1)
         cases.append((dims, feeds, validate.torch_outputs(module, spec, feeds)))
+    return cases
+
+
+def validate_component(
+    cases: list[tuple[dict, dict, dict]], spec: ComponentSpec, paths: dict[str, Path], fp16_optional: bool = False,
+) -> tuple[dict[str, list[validate.Parity]], validate.ParityError | None]:
+    """Every graph against PyTorch's outputs (reference_cases); raises on failure.
+
+    With `fp16_optional` an fp16 failure is returned (and that graph's results dropped) instead.
+    """
     results: dict[str, list[validate.Parity]] = {}
     failure = None
     for precision, path in paths.items():  # one session at a time: one copy of the weights in ONNX Runtime
@@ -300,13 +312,12 @@ def write_cpu_graph(spec: ComponentSpec, ranges, out: Path, fp32_file: str) -> t
 
 
 def _with_shapes(path: Path) -> onnx.ModelProto:
-    """Load a graph with inferred intermediate types (the fp16 converter needs them)."""
+    """Load a graph with inferred intermediate types (the fp16 converter needs them); external
+    weights are not loaded (fp16.convert_file streams them)."""
     inferred = path.with_name(f".{path.name}.shapes")
     onnx.shape_inference.infer_shapes_path(str(path), str(inferred))
     try:
-        model = onnx.load(str(inferred), load_external_data=False)
-        onnx.load_external_data_for_model(model, str(path.parent))  # weights stay beside the original
-        return model
+        return onnx.load(str(inferred), load_external_data=False)
     finally:
         inferred.unlink(missing_ok=True)
 

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+from unittest import mock
 
+import numpy as np
 import onnx
-from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+from onnxruntime.transformers import float16 as ort_float16
+from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16, convert_np_to_float16
 
 logger = logging.getLogger(__name__)
 
@@ -52,3 +58,68 @@ def to_fp16(model: onnx.ModelProto, fp32_inputs: Sequence[str] = ()) -> tuple[on
     )
     logger.debug("fp16: %d nodes kept in fp32", len(keep))
     return fp16, keep
+
+
+def convert_file(src: Path, dst: Path, fp32_inputs: Sequence[str], load: Callable[[Path], onnx.ModelProto],
+                 save: Callable[[onnx.ModelProto, Path], None], umask: int) -> list[str]:
+    """to_fp16 of the graph at `src`, written to `dst`; returns the names of the nodes kept in fp32.
+
+    `load` gives the graph without its external weights (with inferred types). Graphs whose weights are
+    inline convert in memory and are saved with `save`. Graphs with external weights (the UNet, the
+    SDXL text encoder) never hold them: the converter runs on the graph alone, then each weight is read
+    from `src`'s data file, converted exactly as the converter converts inline weights
+    (convert_np_to_float16) where it made that initializer fp16, and appended to `dst`'s data file,
+    one tensor at a time.
+    """
+    model = load(src)
+    external = {i.name: ExternalDataInfo(i) for i in model.graph.initializer if uses_external_data(i)}
+    if not external:
+        half, kept = to_fp16(model, fp32_inputs)
+        save(half, dst)
+        return kept
+    sources = {i.name: i.data_type for i in model.graph.initializer}
+    # The converter reads each converted initializer back only for its shape; external ones have none
+    # loaded, and their dims are that shape.
+    with mock.patch.object(ort_float16, "make_value_info_from_tensor", _value_info_from_dims):
+        half, kept = to_fp16(model, fp32_inputs)
+    data = dst.with_name(f"{dst.name}.data")
+    tmp_data, tmp = dst.with_name(f".{data.name}.tmp"), dst.with_name(f".{dst.name}.tmp")
+    with open(tmp_data, "wb") as out:
+        for init in half.graph.initializer:
+            if init.name not in external:
+                continue
+            info = external[init.name]
+            array = _read_external(src.parent / info.location, info.offset or 0, info.length,
+                                   onnx.helper.tensor_dtype_to_np_dtype(sources[init.name]))
+            if sources[init.name] == onnx.TensorProto.FLOAT and init.data_type == onnx.TensorProto.FLOAT16:
+                array = convert_np_to_float16(array)
+            blob = np.ascontiguousarray(array).tobytes()
+            offset = out.tell()
+            out.write(blob)
+            _point_at(init, data.name, offset, len(blob))
+    os.chmod(tmp_data, 0o666 & ~umask)
+    onnx.save_model(half, tmp)
+    tmp_data.replace(data)
+    tmp.replace(dst)
+    return kept
+
+
+def _point_at(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    """Make `tensor`'s external data entries say where its bytes now are."""
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def _value_info_from_dims(tensor: onnx.TensorProto) -> onnx.ValueInfoProto:
+    return onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+
+
+def _read_external(path: Path, offset: int, length: int | None, dtype: np.dtype) -> np.ndarray:
+    """One tensor's values from an external data file (read, not mapped: the file may be rewritten)."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        raw = f.read() if length is None else f.read(length)
+    return np.frombuffer(raw, dtype=dtype)

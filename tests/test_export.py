@@ -270,3 +270,50 @@ def test_min_size_at_the_size_granule_exports_and_runs(tiny_checkpoint, tmp_path
         small = pipe.generate("a red circle", steps=2, seed=0, height=16, width=16)
         image = pipe.generate("a red circle", steps=2, seed=0, height=16, width=16, image=small.images[0], strength=0.5)
     assert small.array.shape == image.array.shape == (1, 16, 16, 3)
+
+
+def _graph_and_weights(path: Path) -> tuple[list, dict[str, np.ndarray]]:
+    model = onnx.load(str(path))  # external weights loaded from beside the graph
+    nodes = [(n.op_type, list(n.input), list(n.output), [a.SerializeToString() for a in n.attribute])
+             for n in model.graph.node]
+    return nodes, {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+@pytest.mark.slow  # a second full export of the tiny checkpoint (~100 s)
+def test_streamed_export_writes_the_same_graphs_as_the_in_memory_one(tiny_checkpoint, tiny_engine, tmp_path, monkeypatch):
+    """With every graph's weights external (as the UNet's are on real checkpoints), the export streams
+    them (onnx_ir's save, fp16.convert_file) instead of holding a proto copy: the graphs and weights
+    must be exactly the in-memory path's (the session engine's, whose tiny weights are inline)."""
+    monkeypatch.setattr(components, "EXTERNAL_DATA_BYTES", 0)
+    out = tmp_path / "streamed"
+    export_engine(str(tiny_checkpoint), out, ExportOptions(BuildRanges(MIN_SIZE, MAX_SIZE, MAX_BATCH)))
+    manifest, inline = read_manifest(out), read_manifest(tiny_engine)
+    compared = 0
+    for name, entry in manifest.components.items():
+        for precision, file in entry.files.items():
+            if not (tiny_engine / file).is_file() or file.endswith(".data"):
+                continue
+            nodes, weights = _graph_and_weights(out / file)
+            ref_nodes, ref_weights = _graph_and_weights(tiny_engine / file)
+            assert nodes == ref_nodes, f"{file}: graph differs"
+            assert weights.keys() == ref_weights.keys(), f"{file}: initializers differ"
+            for key, value in weights.items():
+                assert value.dtype == ref_weights[key].dtype and np.array_equal(value, ref_weights[key]), f"{file}: {key}"
+            compared += 1
+        assert entry.parity == inline.components[name].parity, f"{name}: parity differs"
+    external = sorted(p.name for p in out.glob("*.data"))
+    print(f"compared {compared} graphs; external data files: {external}")
+    assert {f"{n}.fp32.onnx.data" for n in ("text_encoder", "unet", "vae_decoder", "vae_encoder")} <= set(external)
+    assert {f"{n}.fp16.onnx.data" for n in ("text_encoder", "unet", "vae_decoder", "vae_encoder")} <= set(external)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temporary files left"
+
+
+def test_release_frees_the_weights_and_keeps_the_configs(tiny_checkpoint):
+    ckpt = load_checkpoint(str(tiny_checkpoint))
+    dims = ckpt.dims
+    ckpt.release("unet")
+    assert all(p.device.type == "meta" for p in ckpt.pipeline.unet.parameters())
+    assert all(p.device.type == "cpu" for p in ckpt.pipeline.vae.parameters())  # the decoder and encoder need it
+    ckpt.release("vae_encoder")
+    assert all(p.device.type == "meta" for p in ckpt.pipeline.vae.parameters())
+    assert ckpt.dims == dims and ckpt.native_size > 0
