@@ -39,6 +39,11 @@ class Checkpoint:
     family: str
     pipeline: Any  # a diffusers StableDiffusion(XL)Pipeline or LatentConsistencyModelPipeline
     digest: str
+    config: str | None = None  # the single-file checkpoint's diffusers config it was loaded with
+
+    def reload(self) -> Checkpoint:
+        """The same checkpoint loaded again (in another process)."""
+        return load_checkpoint(self.source, config=self.config, family=self.family)
 
     @property
     def scheduler_config(self) -> dict[str, Any]:
@@ -71,6 +76,11 @@ class Checkpoint:
     @property
     def force_zeros_for_empty_prompt(self) -> bool:
         return bool(getattr(self.pipeline.config, "force_zeros_for_empty_prompt", False))
+
+    def fp32_bytes(self, component: str) -> int:
+        """fp32 bytes of the modules release(component) frees (0 for the VAE decoder, which shares the VAE)."""
+        modules = [getattr(self.pipeline, a, None) for a in RELEASED_AFTER.get(component, ())]
+        return 4 * sum(p.numel() for m in modules if m is not None for p in m.parameters())
 
     def release(self, component: str) -> None:
         """Free the weights of the modules no component after `component` needs (export order:
@@ -158,7 +168,7 @@ def load_checkpoint(source: str, config: str | None = None, family: str | None =
 
         pipe = load_single_file(path, config=config)
         detected = _family(pipe, path, family)
-        return Checkpoint(str(path), kind, detected, pipe, file_digest([path]))
+        return Checkpoint(str(path), kind, detected, pipe, file_digest([path]), config)
     return _from_folder(_download(source), source, kind, family)
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gc
 import logging
+import multiprocessing
 import time
+import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -57,6 +59,8 @@ from diffusion_engine.export.tiny_vae import check_tiny_vae, load_tiny_vae, read
 from diffusion_engine.export.tokenizer import TOKENIZER_2_FILE, TOKENIZER_FILE, save_tokenizer
 
 logger = logging.getLogger(__name__)
+# Components with more parameter bytes than this are traced in a child process (_traced_in_child).
+CHILD_BYTES = 1 << 30
 
 TOOLS = ("torch", "diffusers", "transformers", "onnx", "onnxscript", "onnxruntime")
 # Inputs whose subgraphs stay fp32: t * freq near t = 1000 (and SDXL's size ids up to ~1000) is not
@@ -184,10 +188,20 @@ def export_one(
     the export wrapper where it is not the checkpoint's own component (the tiny VAE decoder).
     """
     start = time.perf_counter()
-    module = components.wrap(spec.name, ckpt.pipeline) if module is None else module
     ranges = options.ranges.axis_ranges(spec, ckpt.dims)
     files = {"fp32": f"{spec.name}.fp32.onnx"}
-    components.export_component(module, spec, ranges, out / files["fp32"], vocab_size=_vocab(ckpt))
+    if module is None and ckpt.fp32_bytes(spec.name) > CHILD_BYTES:
+        ckpt.release(spec.name)  # never touched here: the child process loads its own
+        parameters, cases = _traced_in_child(ckpt, spec.name, ranges, out / files["fp32"])
+    else:
+        module = components.wrap(spec.name, ckpt.pipeline) if module is None else module
+        components.export_component(module, spec, ranges, out / files["fp32"], vocab_size=_vocab(ckpt))
+        parameters = components.parameter_count(module)
+        cases = reference_cases(module, spec, ranges, _vocab(ckpt))
+        # PyTorch's copy of the weights is not needed again: freed before ONNX Runtime loads its own.
+        del module
+        ckpt.release(spec.name)
+        gc.collect()
     notes = []
     if options.fp16:
         files["fp16"] = f"{spec.name}.fp16.onnx"
@@ -202,12 +216,6 @@ def export_one(
         files[CPU_GRAPH] = f"{spec.name}.{CPU_GRAPH}.onnx"
         notes.append(f"cpu graph: {fused} attention block{'s' if fused != 1 else ''} fused into MultiHeadAttention (ONNX Runtime's CPU kernel)")
     paths = {p: out / f for p, f in files.items()}
-    parameters = components.parameter_count(module)
-    cases = reference_cases(module, spec, ranges, _vocab(ckpt))
-    # PyTorch's copy of the weights is not needed again: freed before ONNX Runtime loads its own.
-    del module
-    ckpt.release(spec.name)
-    gc.collect()
     parity, failure = validate_component(cases, spec, paths, fp16_optional=keep_fp32 is not None)
     if failure is not None:
         (out / files.pop("fp16")).unlink()
@@ -266,6 +274,81 @@ def export_generated(spec: ComponentSpec, model: onnx.ModelProto, reference: Cal
         spec, ranges, files=files, gpu_precision="fp32", parameters=0, parity={"fp32": results},
         notes=[f"generated: {' + '.join(parts)}"],
     )
+
+
+def _traced_in_child(ckpt: Checkpoint, name: str, ranges, path: Path) -> tuple[int, list[tuple[dict, dict, dict]]]:
+    """export_component and reference_cases of one checkpoint component, in a fresh process.
+
+    torch.export keeps every weight it traced alive in its process (the modules' own references go,
+    the weights stay: 3.4 GB for SD1.5's UNet, 10 GB for SDXL's), so a large component is traced in a
+    child process that loads the checkpoint itself and exits; this process then validates its graphs
+    holding no PyTorch weights. Returns (parameter count, reference cases).
+    """
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing of this one's torch state
+    receive, send = context.Pipe(duplex=False)
+    args = (ckpt.source, ckpt.config, ckpt.family, name, ranges, str(path), _vocab(ckpt),
+            components.EXTERNAL_DATA_BYTES, _ProcessSettings.now())
+    child = context.Process(target=_trace_child, args=(send, *args), name=f"trace {name}")
+    child.start()
+    send.close()
+    try:
+        ok, result = receive.recv()
+    except EOFError:
+        child.join()
+        raise RuntimeError(f"tracing {name} in a child process: it died (exit code {child.exitcode})") from None
+    finally:
+        receive.close()
+    child.join()
+    if not ok:
+        raise result
+    return result
+
+
+def _trace_child(send, source, config, family, name, ranges, path, vocab, external_bytes, settings) -> None:
+    """In the child: trace the component and send (True, (parameters, cases)) or (False, the exception)."""
+    try:
+        settings.apply()
+        components.EXTERNAL_DATA_BYTES = external_bytes
+        ckpt = load_checkpoint(source, config=config, family=family)
+        spec = component_specs(ckpt.dims)[name]
+        module = components.wrap(name, ckpt.pipeline)
+        components.export_component(module, spec, ranges, Path(path), vocab_size=vocab)
+        message = True, (components.parameter_count(module), reference_cases(module, spec, ranges, vocab))
+    except Exception as exc:  # raised again in the parent, where the export's error handling is
+        message = False, exc
+    try:
+        send.send(message)
+    except Exception as exc:  # an exception that does not pickle
+        send.send((False, RuntimeError(f"tracing {name} in a child process: {type(exc).__name__}: {message[1]}")))
+    finally:
+        send.close()
+
+
+@dataclass
+class _ProcessSettings:
+    """What a child process needs to behave as this one does: warning filters and library log levels."""
+
+    warning_filters: list
+    log_levels: dict[str, int]
+
+    LOGGERS = ("diffusion_engine", "torch.onnx", "onnx_ir", "onnxscript", "diffusers", "transformers")
+
+    @classmethod
+    def now(cls) -> _ProcessSettings:
+        return cls(list(warnings.filters), {n: logging.getLogger(n).getEffectiveLevel() for n in cls.LOGGERS})
+
+    def apply(self) -> None:
+        warnings.filters[:] = self.warning_filters
+        for name, level in self.log_levels.items():
+            logging.getLogger(name).setLevel(level)
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.set_verbosity(self.log_levels["diffusers"])
+        transformers.utils.logging.set_verbosity(self.log_levels["transformers"])
+        if self.log_levels["diffusers"] > logging.INFO:
+            diffusers.utils.logging.disable_progress_bar()
+            transformers.utils.logging.disable_progress_bar()
 
 
 def reference_cases(module, spec: ComponentSpec, ranges, vocab: int) -> list[tuple[dict, dict, dict]]:

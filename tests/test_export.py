@@ -15,9 +15,9 @@ from onnx import helper
 
 from diffusion_engine.engine.manifest import read_manifest
 from diffusion_engine.engine.specs import BuildRanges, component_specs
-from diffusion_engine.export import components, validate
+from diffusion_engine.export import components, exporter, validate
 from diffusion_engine.export.checkpoint import CheckpointError, load_checkpoint
-from diffusion_engine.export.exporter import ExportOptions, export_engine
+from diffusion_engine.export.exporter import ExportOptions, export_engine, export_one
 from diffusion_engine.runtime.tokenizer import PromptTokenizer
 from tests.conftest import MAX_BATCH, MAX_SIZE, MIN_SIZE
 
@@ -306,6 +306,27 @@ def test_streamed_export_writes_the_same_graphs_as_the_in_memory_one(tiny_checkp
     assert {f"{n}.fp32.onnx.data" for n in ("text_encoder", "unet", "vae_decoder", "vae_encoder")} <= set(external)
     assert {f"{n}.fp16.onnx.data" for n in ("text_encoder", "unet", "vae_decoder", "vae_encoder")} <= set(external)
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temporary files left"
+
+
+def test_a_component_traced_in_a_child_process_is_the_one_traced_here(tiny_checkpoint, tiny_engine, tmp_path, monkeypatch):
+    """Components over CHILD_BYTES are traced in a spawned process (torch.export keeps what it traced
+    alive in its process): same graph, same weights, same parity figures as tracing in this process;
+    this process's UNet weights are never needed (released to the meta device before the child runs)."""
+    monkeypatch.setattr(exporter, "CHILD_BYTES", 0)
+    ckpt = load_checkpoint(str(tiny_checkpoint))
+    spec = component_specs(ckpt.dims)["unet"]
+    options = ExportOptions(BuildRanges(MIN_SIZE, MAX_SIZE, MAX_BATCH))
+    entry, report = export_one(ckpt, spec, options, tmp_path)
+    assert all(p.device.type == "meta" for p in ckpt.pipeline.unet.parameters())
+    reference = read_manifest(tiny_engine).components["unet"]
+    for file in ("unet.fp32.onnx", "unet.fp16.onnx", "unet.cpu.onnx"):
+        nodes, weights = _graph_and_weights(tmp_path / file)
+        ref_nodes, ref_weights = _graph_and_weights(tiny_engine / file)
+        assert nodes == ref_nodes, f"{file}: graph differs"
+        assert weights.keys() == ref_weights.keys() and all(np.array_equal(v, ref_weights[k]) for k, v in weights.items())
+    print(f"child-traced unet: {report.parameters:,} parameters, fp32 error {report.fp32_error:.2e}, "
+          f"fp16 error {report.fp16_error:.2e} (in-process export: {max(r['rel_error'] for r in reference.parity['fp32']):.2e})")
+    assert entry.parity == reference.parity and entry.parameters == reference.parameters
 
 
 def test_release_frees_the_weights_and_keeps_the_configs(tiny_checkpoint):
