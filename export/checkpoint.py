@@ -41,10 +41,6 @@ class Checkpoint:
     digest: str
     config: str | None = None  # the single-file checkpoint's diffusers config it was loaded with
 
-    def reload(self) -> Checkpoint:
-        """The same checkpoint loaded again (in another process)."""
-        return load_checkpoint(self.source, config=self.config, family=self.family)
-
     @property
     def scheduler_config(self) -> dict[str, Any]:
         """The checkpoint's scheduler config, with what its family requires (turbo: trailing timesteps)."""

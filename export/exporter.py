@@ -195,9 +195,7 @@ def export_one(
         parameters, cases = _traced_in_child(ckpt, spec.name, ranges, out / files["fp32"])
     else:
         module = components.wrap(spec.name, ckpt.pipeline) if module is None else module
-        components.export_component(module, spec, ranges, out / files["fp32"], vocab_size=_vocab(ckpt))
-        parameters = components.parameter_count(module)
-        cases = reference_cases(module, spec, ranges, _vocab(ckpt))
+        parameters, cases = _trace(module, spec, ranges, out / files["fp32"], _vocab(ckpt))
         # PyTorch's copy of the weights is not needed again: freed before ONNX Runtime loads its own.
         del module
         ckpt.release(spec.name)
@@ -276,6 +274,12 @@ def export_generated(spec: ComponentSpec, model: onnx.ModelProto, reference: Cal
     )
 
 
+def _trace(module, spec: ComponentSpec, ranges, path: Path, vocab: int) -> tuple[int, list[tuple[dict, dict, dict]]]:
+    """Export the fp32 graph to `path`; return (parameter count, reference cases) for the validation."""
+    components.export_component(module, spec, ranges, path, vocab_size=vocab)
+    return components.parameter_count(module), reference_cases(module, spec, ranges, vocab)
+
+
 def _traced_in_child(ckpt: Checkpoint, name: str, ranges, path: Path) -> tuple[int, list[tuple[dict, dict, dict]]]:
     """export_component and reference_cases of one checkpoint component, in a fresh process.
 
@@ -311,9 +315,7 @@ def _trace_child(send, source, config, family, name, ranges, path, vocab, extern
         components.EXTERNAL_DATA_BYTES = external_bytes
         ckpt = load_checkpoint(source, config=config, family=family)
         spec = component_specs(ckpt.dims)[name]
-        module = components.wrap(name, ckpt.pipeline)
-        components.export_component(module, spec, ranges, Path(path), vocab_size=vocab)
-        message = True, (components.parameter_count(module), reference_cases(module, spec, ranges, vocab))
+        message = True, _trace(components.wrap(name, ckpt.pipeline), spec, ranges, Path(path), vocab)
     except Exception as exc:  # raised again in the parent, where the export's error handling is
         message = False, exc
     try:
