@@ -372,7 +372,7 @@ def validate_component(
     results: dict[str, list[validate.Parity]] = {}
     failure = None
     for precision, path in paths.items():  # one session at a time: one copy of the weights in ONNX Runtime
-        session = validate.cpu_session(path)
+        session = validate.cpu_session(path, optimize=precision != "fp16")
         try:
             results[precision] = [validate.check(spec, precision, session, feeds, ref, dims) for dims, feeds, ref in cases]
         except validate.ParityError as exc:

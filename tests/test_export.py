@@ -338,3 +338,27 @@ def test_release_frees_the_weights_and_keeps_the_configs(tiny_checkpoint):
     ckpt.release("vae_encoder")
     assert all(p.device.type == "meta" for p in ckpt.pipeline.vae.parameters())
     assert ckpt.dims == dims and ckpt.native_size > 0
+
+
+def test_fp16_graphs_are_checked_in_unoptimised_sessions(tiny_checkpoint, tiny_engine, monkeypatch):
+    """validate_component opens fp32 graphs with ONNX Runtime's optimiser and fp16 graphs without it (its
+    constant folding turns every fp16 weight into an extra fp32 copy); both still pass within the spec tolerance."""
+    opened = []
+    real = validate.cpu_session
+
+    def recording(path, optimize=True):
+        opened.append((Path(path).name, optimize))
+        return real(path, optimize)
+
+    monkeypatch.setattr(validate, "cpu_session", recording)
+    m = read_manifest(tiny_engine)
+    spec = m.specs()["unet"]
+    ckpt = load_checkpoint(tiny_checkpoint)
+    cases = exporter.reference_cases(components.wrap("unet", ckpt.pipeline), spec, m.components["unet"].ranges(),
+                                     exporter._vocab(ckpt))
+    paths = {p: tiny_engine / m.components["unet"].files[p] for p in ("fp32", "fp16")}
+    results, failure = exporter.validate_component(cases, spec, paths)
+    assert failure is None and opened == [(paths["fp32"].name, True), (paths["fp16"].name, False)], opened
+    errors = {p: max(r.rel_error for r in results[p]) for p in results}
+    print("unet parity, fp32 graph optimised / fp16 graph unoptimised:", {p: f"{e:.2e}" for p, e in errors.items()})
+    assert errors["fp16"] <= spec.tolerance.fp16 and errors["fp32"] <= spec.tolerance.fp32
