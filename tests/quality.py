@@ -7,6 +7,12 @@ blob's bounding box: the filled fraction of the whole box (circle pi/4, square 1
 of each of its four corner patches (a circle leaves all four nearly empty, a square fills them, an
 upright triangle fills only the bottom two). The corners matter because soft edges, as generated
 images have, lower the fill of every shape alike, while a corner stays full or empty.
+
+How well a shape is drawn (`shape_iou`): the blob's IoU with the ideal shape of its own bounding
+box, drawn as the dataset draws it in the blob's colour on the background's, then read back by the
+same rule as the blob (palette-snapped, not background). Both masks are cut at the same level of
+anti-aliasing, edge pixels whose blend snaps to a third colour included, so a dataset image scores
+1 exactly; only the outline is judged, never the size or position.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from diffusion_engine.train.data import COLORS, PALETTE, SHAPES, SIZE, Scene, all_captions, render
+from diffusion_engine.train.data import COLORS, PALETTE, SHAPES, SIZE, Scene, all_captions, render, render_box
 
 _PALETTE = np.array([PALETTE[c] for c in COLORS], np.float32)
 CORNER = 0.2  # side of a corner patch, as a fraction of the bounding box's side
@@ -80,20 +86,51 @@ def classify_shape(blob: np.ndarray) -> str:
     return min(SHAPES, key=lambda s: float(np.sum((f - _IDEAL[s]) ** 2)))
 
 
-def analyse(image: np.ndarray) -> Reading:
-    """Background colour, shape colour, shape kind and bounding-box fill of one HWC uint8 image."""
-    labels = palette_labels(image)
+def largest_blob(labels: np.ndarray) -> tuple[int, np.ndarray | None]:
+    """The background (commonest palette label on the 2-pixel border) and the largest 8-connected blob of
+    any other label, or None where no blob reaches MIN_PIXELS."""
     border = np.concatenate([labels[:2].ravel(), labels[-2:].ravel(), labels[:, :2].ravel(), labels[:, -2:].ravel()])
     background = int(np.bincount(border, minlength=len(COLORS)).argmax())
     blobs, count = ndimage.label(labels != background, structure=np.ones((3, 3)))
     if count == 0:
-        return Reading(COLORS[background], None, None)
+        return background, None
     sizes = np.bincount(blobs.ravel())[1:]
     if sizes.max() < MIN_PIXELS:
+        return background, None
+    return background, blobs == int(sizes.argmax()) + 1
+
+
+def analyse(image: np.ndarray) -> Reading:
+    """Background colour, shape colour, shape kind and bounding-box fill of one HWC uint8 image."""
+    labels = palette_labels(image)
+    background, blob = largest_blob(labels)
+    if blob is None:
         return Reading(COLORS[background], None, None)
-    blob = blobs == int(sizes.argmax()) + 1
     color = int(np.bincount(labels[blob], minlength=len(COLORS)).argmax())
     return Reading(COLORS[background], COLORS[color], classify_shape(blob), float(shape_features(blob)[0]))
+
+
+def ideal_mask(shape: str, box: tuple[int, int, int, int], color: str, background: str,
+               size: tuple[int, int]) -> np.ndarray:
+    """The ideal shape filling box (x0, y0, width, height) (a circle: the inscribed ellipse; a square: the box),
+    in the given colours, drawn as the dataset draws it (data.render_box) and read as a blob is: not background."""
+    drawn = render_box(shape, box, color, background, size=max(size))[:size[0], :size[1]]
+    return palette_labels(drawn) != COLORS.index(background)
+
+
+def shape_iou(image: np.ndarray, shape: str) -> float:
+    """Intersection over union of the image's shape (the analyser's largest blob) with the ideal `shape` of the
+    blob's own bounding box, in the image's colours: how round a circle is, how square a square; 0 where no
+    shape stands out."""
+    labels = palette_labels(image)
+    background, blob = largest_blob(labels)
+    if blob is None:
+        return 0.0
+    ys, xs = np.nonzero(blob)
+    box = (int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1))
+    color = int(np.bincount(labels[blob], minlength=len(COLORS)).argmax())
+    ideal = ideal_mask(shape, box, COLORS[color], COLORS[background], blob.shape)
+    return float((blob & ideal).sum() / (blob | ideal).sum())
 
 
 def agreement(images: np.ndarray, prompts: list[str]) -> tuple[float, list[tuple[str, Reading]]]:

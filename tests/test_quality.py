@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
 from diffusion_engine.train import data
-from tests.quality import agreement, analyse, evaluation_pairs, parse_caption
+from tests.quality import agreement, analyse, evaluation_pairs, parse_caption, shape_iou
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +86,33 @@ def test_evaluation_pairs_span_every_colour_and_shape():
     assert {c for c, _, _ in parsed} == {b for _, _, b in parsed} == set(data.COLORS)
     assert {s for _, s, _ in parsed} == set(data.SHAPES)
     assert len({seed for _, seed in evaluation_pairs(30)}) == 30
+
+
+def test_shape_iou_of_dataset_shapes(scenes):
+    """Dataset circles and squares are their ideal shapes (IoU 1); a disc read as a square scores its fill, pi/4."""
+    ious = {shape: [shape_iou(data.render(s), shape) for s in scenes if s.shape == shape] for shape in ("circle", "square")}
+    print({shape: (min(v), float(np.mean(v))) for shape, v in ious.items()})
+    assert min(ious["circle"]) == min(ious["square"]) == 1.0
+    discs = [shape_iou(data.render(s), "square") for s in scenes if s.shape == "circle" and s.side >= 40]
+    assert max(abs(v - data.FILL["circle"]) for v in discs) < 0.02, discs
+
+
+def _superellipse(p: float, side: int = 48, size: int = 64) -> np.ndarray:
+    """|x|^p + |y|^p <= 1 in a centred box, white on black, anti-aliased as the dataset is (4x, box filter)."""
+    k = data.SUPERSAMPLE
+    c, r = size * k / 2, side * k / 2
+    yy, xx = np.mgrid[0:size * k, 0:size * k] + 0.5
+    inside = np.abs((xx - c) / r) ** p + np.abs((yy - c) / r) ** p <= 1
+    level = 255 * inside.reshape(size, k, size, k).mean((1, 3))
+    return np.repeat(np.round(level).astype(np.uint8)[..., None], 3, axis=-1)
+
+
+@pytest.mark.parametrize("p, shape", [(1.5, "circle"), (1.8, "circle"), (3.0, "circle"), (4.0, "square"), (8.0, "square")])
+def test_shape_iou_of_superellipses_is_their_area_ratio(p, shape):
+    """Rounded diamonds (p < 2), squircles (p > 2) against the disc and the square they share a box with: the
+    IoU is the ratio of the smaller area to the larger, 4 G(1 + 1/p)^2 / G(1 + 2/p) against pi and 4."""
+    area = 4 * math.gamma(1 + 1 / p) ** 2 / math.gamma(1 + 2 / p)
+    expected = min(area, math.pi) / max(area, math.pi) if shape == "circle" else area / 4
+    iou = shape_iou(_superellipse(p), shape)
+    print(f"superellipse p={p} as a {shape}: IoU {iou:.3f}, area ratio {expected:.3f}")
+    assert abs(iou - expected) < 0.015

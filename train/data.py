@@ -69,14 +69,20 @@ def random_scene(rng: np.random.Generator, size: int = SIZE, color: str | None =
 
 def render(scene: Scene, size: int = SIZE) -> np.ndarray:
     """The scene as uint8 HWC RGB, anti-aliased by supersampling."""
+    return render_box(scene.shape, (scene.x0, scene.y0, scene.side, scene.side), scene.color, scene.background, size)
+
+
+def render_box(shape: str, box: tuple[int, int, int, int], color: str, background: str, size: int = SIZE) -> np.ndarray:
+    """One shape filling the pixel box (x0, y0, width, height) as uint8 HWC RGB, anti-aliased by supersampling."""
     k = SUPERSAMPLE
-    image = Image.new("RGB", (size * k, size * k), PALETTE[scene.background])
+    image = Image.new("RGB", (size * k, size * k), PALETTE[background])
     draw = ImageDraw.Draw(image)
-    x0, y0, x1, y1 = scene.x0 * k, scene.y0 * k, (scene.x0 + scene.side) * k - 1, (scene.y0 + scene.side) * k - 1
-    fill = PALETTE[scene.color]
-    if scene.shape == "circle":
+    x, y, w, h = box
+    x0, y0, x1, y1 = x * k, y * k, (x + w) * k - 1, (y + h) * k - 1
+    fill = PALETTE[color]
+    if shape == "circle":
         draw.ellipse((x0, y0, x1, y1), fill=fill)
-    elif scene.shape == "square":
+    elif shape == "square":
         draw.rectangle((x0, y0, x1, y1), fill=fill)
     else:
         draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
