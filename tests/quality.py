@@ -145,11 +145,32 @@ def agreement(images: np.ndarray, prompts: list[str]) -> tuple[float, list[tuple
 
 # --- generating with an engine and reading the images back --------------------------------------
 
-def evaluation_pairs(n: int, seed: int = 0) -> list[tuple[str, int]]:
-    """n (prompt, seed) pairs that cycle through every (colour, shape, background) in a shuffled order."""
-    captions = all_captions()
+def evaluation_pairs(n: int, seed: int = 0, shape: str | None = None) -> list[tuple[str, int]]:
+    """n (prompt, seed) pairs that cycle through every (colour, shape, background), or every (colour,
+    background) of one shape, in a shuffled order."""
+    captions = [c for c in all_captions() if shape is None or parse_caption(c)[1] == shape]
     order = np.random.default_rng(seed).permutation(len(captions))
     return [(captions[order[i % len(captions)]], 1000 + i) for i in range(n)]
+
+
+IOU_PAIRS = 18  # prompt/seed pairs per shape for the shape IoU figures (issue 16)
+MIN_SHAPE_IOU = 0.93  # the demo model's target: mean IoU of its circles, and of its squares, over those pairs
+
+
+def shape_iou_pairs(shape: str, n: int = IOU_PAIRS) -> list[tuple[str, int]]:
+    """The (prompt, seed) pairs the shape IoU of a model is measured on: n prompts of one shape."""
+    return evaluation_pairs(n, seed=1, shape=shape)
+
+
+def engine_shape_iou(pipe, pairs: list[tuple[str, int]], **generate) -> list[float]:
+    """Generate one image per (prompt, seed) with the engine; each one's shape IoU with the shape its prompt names."""
+    return [shape_iou(pipe.generate(prompt, seed=seed, **generate).array[0], parse_caption(prompt)[1])
+            for prompt, seed in pairs]
+
+
+def summary(values: list[float]) -> str:
+    """'min / median / mean' of a list of figures."""
+    return f"min {min(values):.3f}, median {float(np.median(values)):.3f}, mean {float(np.mean(values)):.3f}"
 
 
 def use_fp16_graphs(pipe) -> None:

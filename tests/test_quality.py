@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from diffusion_engine.train import data
-from tests.quality import agreement, analyse, evaluation_pairs, parse_caption, shape_iou
+from tests.quality import agreement, analyse, evaluation_pairs, parse_caption, shape_iou, shape_iou_pairs
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +116,11 @@ def test_shape_iou_of_superellipses_is_their_area_ratio(p, shape):
     iou = shape_iou(_superellipse(p), shape)
     print(f"superellipse p={p} as a {shape}: IoU {iou:.3f}, area ratio {expected:.3f}")
     assert abs(iou - expected) < 0.015
+
+
+@pytest.mark.parametrize("shape", ["circle", "square"])
+def test_shape_iou_pairs_are_of_one_shape(shape):
+    parsed = [parse_caption(p) for p, _ in shape_iou_pairs(shape)]
+    assert len(parsed) == 18 and {s for _, s, _ in parsed} == {shape}
+    assert {c for c, _, _ in parsed} == {b for _, _, b in parsed} == set(data.COLORS)
+    assert len(set(parsed)) == 18 and len({seed for _, seed in shape_iou_pairs(shape)}) == 18
