@@ -84,6 +84,9 @@ def bench_parser() -> argparse.ArgumentParser:
                         "engine's tiny VAE, engine-export --tiny-vae), e.g. full,tiny (default full)")
     p.add_argument("--tiny-vae", help="AutoencoderTiny folder for the diffusers baseline's tiny cases "
                                       "(default: the manifest's source tiny_vae)")
+    p.add_argument("--one-at-a-time", action="store_true",
+                   help="load, measure and close each system in turn (models that do not fit in memory twice, e.g. "
+                        "SDXL in fp32 on CPU); without it all systems are loaded and alternate run by run")
     p.add_argument("--prompt", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the result here (and, unless given, OUT.md and OUT.png beside it)")
@@ -171,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             engine=Path(args.engine), backend=args.backend, sizes=args.sizes, batches=args.batch, steps=args.steps,
             scheduler=args.scheduler, guidance_scale=args.guidance, warmup=args.warmup, runs=args.runs,
             baselines=args.baseline, checkpoint=args.checkpoint, mode=args.mode, prompt=args.prompt or PROMPT,
-            seed=args.seed, decoders=args.decoders, tiny_vae=args.tiny_vae,
+            seed=args.seed, decoders=args.decoders, tiny_vae=args.tiny_vae, one_at_a_time=args.one_at_a_time,
         )
         doc = run_bench(settings, say=lambda line: print(line, file=sys.stderr, flush=True))
     except (ValueError, ManifestError) as exc:

@@ -58,6 +58,7 @@ class Settings:
     seed: int = 0
     decoders: tuple[str, ...] = (DEFAULT_DECODER,)  # e2e: each case once per decoder (generate's decoder=)
     tiny_vae: str | None = None  # the AutoencoderTiny folder of the diffusers baseline (default: the manifest's)
+    one_at_a_time: bool = False  # load, measure and close each system in turn instead of all together
 
     def __post_init__(self) -> None:
         bad = [b for b in self.baselines if b not in BASELINES]
@@ -99,16 +100,15 @@ def case_flops(engine: Path, manifest: Any, case: Case, guided: bool) -> dict[st
             for n in names}
 
 
-def make_systems(settings: Settings, manifest: Any) -> tuple[list[System], str]:
-    """Ours first, then the baselines asked for (diffusers from the source checkpoint); the sampler."""
+def system_factories(settings: Settings, manifest: Any) -> list[Callable[[str], System]]:
+    """One constructor per system, ours first, each given the sampler; every argument is checked here,
+    before any system loads (the diffusers baseline from the source checkpoint)."""
     threads = cpu_threads()
     tiny = "tiny" in settings.decoders
     if tiny and TINY_VAE_DECODER not in manifest.components:
         raise ValueError(f"--decoders tiny: {settings.engine} has no {TINY_VAE_DECODER}; export it with "
                          "engine-export --tiny-vae PATH")
-    ours = OursSystem(settings.engine, settings.backend)
-    scheduler = settings.scheduler or ours.pipe.default_scheduler
-    systems: list[System] = [ours]
+    factories: list[Callable[[str], System]] = [lambda scheduler: OursSystem(settings.engine, settings.backend)]
     for name in settings.baselines:
         if name == "diffusers":
             from diffusion_engine.benchmarks.baselines import DiffusersSystem
@@ -119,17 +119,29 @@ def make_systems(settings: Settings, manifest: Any) -> tuple[list[System], str]:
             tiny_vae = (settings.tiny_vae or manifest.source.get("tiny_vae")) if tiny else None
             if tiny and (not tiny_vae or not Path(tiny_vae).is_dir()):
                 raise ValueError(f"diffusers baseline: tiny VAE {tiny_vae!r} is not a local folder; pass --tiny-vae DIR")
-            systems.append(DiffusersSystem(checkpoint, settings.mode, scheduler, threads, tiny_vae))
+            factories.append(lambda scheduler, c=checkpoint, t=tiny_vae: DiffusersSystem(c, settings.mode, scheduler, threads, t))
         elif name == "ours-unfused":
-            systems.append(OursSystem(settings.engine, settings.backend, unfused=True))
+            factories.append(lambda scheduler: OursSystem(settings.engine, settings.backend, unfused=True))
         else:
-            systems.append(OpenVinoSystem(settings.engine, threads, "f32" if name == "openvino" else "bf16"))
-    return systems, scheduler
+            precision = "f32" if name == "openvino" else "bf16"
+            factories.append(lambda scheduler, p=precision: OpenVinoSystem(settings.engine, threads, p))
+    return factories
+
+
+def make_systems(settings: Settings, manifest: Any) -> tuple[list[System], str]:
+    """Ours first, then the baselines asked for, all loaded; the sampler (the engine's default unless given)."""
+    factories = system_factories(settings, manifest)
+    ours = factories[0]("")
+    scheduler = settings.scheduler or ours.pipe.default_scheduler
+    return [ours] + [make(scheduler) for make in factories[1:]], scheduler
 
 
 def measure_case(systems: list[System], case: Case, inputs: CaseInputs, warmup: int, runs: int,
-                 say: Callable[[str], None]) -> dict[str, dict[str, Any]]:
-    """Warm up and run every system `runs` times, alternating order; summarise per system."""
+                 say: Callable[[str], None], reference: np.ndarray | None = None,
+                 ) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray]]:
+    """Warm up and run every system `runs` times, alternating order; summarise per system, each one's
+    agreement against `reference` (ours' output) or else against the first system's. Returns the
+    summaries and each system's last output."""
     warm: dict[str, int] = {}  # RSS added by compiling and warming up: lazily touched weights, arenas
     for s in systems:
         before = rss_bytes()
@@ -160,10 +172,12 @@ def measure_case(systems: list[System], case: Case, inputs: CaseInputs, warmup: 
     for s in systems:
         summary = _system_summary(s, case, records[s.name], peaks[s.name], increase[s.name])
         summary["warm_rss_bytes"] = int(warm[s.name])
-        if s.name != systems[0].name:
+        if reference is not None:
+            summary["agreement"] = _agreement(case, reference, outputs[s.name])
+        elif s.name != systems[0].name:
             summary["agreement"] = _agreement(case, outputs[systems[0].name], outputs[s.name])
         result[s.name] = summary
-    return result
+    return result, outputs
 
 
 def _system_summary(s: System, case: Case, runs: list[dict[str, list[float]]], peak: int, increase: int) -> dict[str, Any]:
@@ -239,21 +253,30 @@ def run_bench(settings: Settings, say: Callable[[str], None] = lambda s: None) -
     started = dt.datetime.now(dt.timezone.utc)
     threads = cpu_threads()
     mach = machine(threads)
-    systems, scheduler = make_systems(settings, manifest)
     gpu_name = mach["gpus"][0]["name"] if mach["gpus"] else None
-    cases = []
-    try:
-        for case in settings.cases():
-            say(f"{case.label}: {', '.join(s.name for s in systems)}")
-            inputs = case_inputs(case, manifest, settings, scheduler)
-            guided = case.mode == UNET_ONLY or settings.guidance_scale > 1.0
-            result = {**asdict(case), "flops": case_flops(engine, manifest, case, guided),
-                      "systems": measure_case(systems, case, inputs, settings.warmup, settings.runs, say)}
-            add_figures(result, result["flops"], gpu_name)
-            cases.append(result)
-    finally:
-        for s in systems:
-            s.close()
+    if "tiny" in settings.decoders and TINY_VAE_DECODER not in manifest.components:
+        raise ValueError(f"--decoders tiny: {settings.engine} has no {TINY_VAE_DECODER}; export it with "
+                         "engine-export --tiny-vae PATH")
+    guided = settings.mode == UNET_ONLY or settings.guidance_scale > 1.0
+    per_case = [dict(case=case, flops=case_flops(engine, manifest, case, guided), systems={}) for case in settings.cases()]
+    if settings.one_at_a_time:
+        scheduler = _measure_one_system_at_a_time(settings, manifest, per_case, say)
+    else:
+        systems, scheduler = make_systems(settings, manifest)
+        try:
+            for entry in per_case:
+                case = entry["case"]
+                say(f"{case.label}: {', '.join(s.name for s in systems)}")
+                inputs = case_inputs(case, manifest, settings, scheduler)
+                entry["systems"], _ = measure_case(systems, case, inputs, settings.warmup, settings.runs, say)
+        finally:
+            for s in systems:
+                s.close()
+    results = []
+    for entry in per_case:
+        result = {**asdict(entry["case"]), "flops": entry["flops"], "systems": entry["systems"]}
+        add_figures(result, result["flops"], gpu_name)
+        results.append(result)
     mach["load_average_end"] = list(os.getloadavg())
     doc = {
         "schema_version": SCHEMA_VERSION, "tool": "engine-bench",
@@ -262,10 +285,37 @@ def run_bench(settings: Settings, say: Callable[[str], None] = lambda s: None) -
         "command": " ".join(["engine-bench"] + sys.argv[1:]) if sys.argv else "engine-bench",
         "machine": mach, "versions": versions(), "engine": engine_info(engine, manifest),
         "settings": {**_settings_dict(settings), "scheduler": scheduler, "threads": threads},
-        "cases": cases, "notes": notes(settings, engine_info(engine, manifest), mach),
+        "cases": results, "notes": notes(settings, engine_info(engine, manifest), mach),
     }
     validate(doc)
     return doc
+
+
+def _measure_one_system_at_a_time(settings: Settings, manifest: Any, per_case: list[dict[str, Any]],
+                                  say: Callable[[str], None]) -> str:
+    """--one-at-a-time: load one system, run every case on it, close it, then the next, for models that do not
+    fit in memory twice (SDXL's fp32 UNet is 10 GB in ONNX Runtime and again in PyTorch). Ours runs first;
+    its outputs are what the others' agreement is measured against. Returns the sampler."""
+    factories = system_factories(settings, manifest)  # every argument checked before anything loads
+    scheduler = settings.scheduler
+    reference: list[np.ndarray] = []
+    for i, make in enumerate(factories):
+        system = make(scheduler or "")
+        try:
+            if scheduler is None:
+                scheduler = system.pipe.default_scheduler
+            for j, entry in enumerate(per_case):
+                case = entry["case"]
+                say(f"{case.label}: {system.name} (one system at a time)")
+                result, outputs = measure_case([system], case, case_inputs(case, manifest, settings, scheduler),
+                                               settings.warmup, settings.runs, say, reference[j] if i else None)
+                entry["systems"].update(result)
+                if i == 0:
+                    reference.append(outputs[system.name])
+        finally:
+            system.close()
+            del system
+    return scheduler
 
 
 def _settings_dict(s: Settings) -> dict[str, Any]:
@@ -282,9 +332,16 @@ def notes(settings: Settings, engine: dict[str, Any], mach: dict[str, Any]) -> l
     out = []
     if engine["random_weights"]:
         out.append(RANDOM_WEIGHTS_NOTE)
-    out.append(f"alternating order run by run; {settings.runs} measured runs after {settings.warmup} warm-up runs "
-               f"(warm-ups use at most 2 steps); p50/p90 of per-call stages (unet, step_graph) pool every call")
-    out.append("memory: peak_rss_bytes is the whole process (every system is loaded in the one process); "
+    if settings.one_at_a_time:
+        out.append(f"one system at a time (--one-at-a-time): each system loaded, run on every case and closed before the "
+                   f"next, no alternation, so machine drift between systems is not spread; {settings.runs} measured runs "
+                   f"after {settings.warmup} warm-up runs (warm-ups use at most 2 steps); p50/p90 of per-call stages "
+                   f"(unet, step_graph) pool every call")
+    else:
+        out.append(f"alternating order run by run; {settings.runs} measured runs after {settings.warmup} warm-up runs "
+                   f"(warm-ups use at most 2 steps); p50/p90 of per-call stages (unet, step_graph) pool every call")
+    loaded = "only that system is loaded" if settings.one_at_a_time else "every system is loaded in the one process"
+    out.append(f"memory: peak_rss_bytes is the whole process ({loaded}); "
                "load_rss_bytes is what constructing a system added, warm_rss_bytes what its compile and warm-up runs "
                "for the case added (mmap-loaded weights become resident only when first used), "
                "run_rss_increase_bytes the largest rise during one measured run")

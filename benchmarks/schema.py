@@ -146,7 +146,7 @@ DOCUMENT = obj({
         "guidance_scale": number(minimum=0), "warmup": integer(minimum=0), "runs": integer(minimum=1),
         "baselines": array(string()), "checkpoint": string(nullable=True), "mode": string(choices=MODES),
         "prompt": string(), "seed": integer(), "threads": integer(minimum=1),
-    }, {"decoders": array(string(choices=DECODERS), 1), "tiny_vae": string(nullable=True)}),
+    }, {"decoders": array(string(choices=DECODERS), 1), "tiny_vae": string(nullable=True), "one_at_a_time": boolean}),
     "cases": array(CASE, 1),
     "notes": array(string()),
 })

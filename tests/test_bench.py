@@ -258,3 +258,32 @@ def test_random_taesd_fits_the_realistic_checkpoints():
     print(f"TAESD architecture: {config['latent_channels']} latent channels, factor {tiny_vae_factor(config)}; "
           f"SD VAE: {models.SD_VAE['latent_channels']}, factor {factor}")
     check_tiny_vae(config, "taesd", models.SD_VAE["latent_channels"], factor)
+
+
+def test_one_system_at_a_time_loads_each_alone_and_still_compares(tiny_engine, monkeypatch):
+    """--one-at-a-time (models that do not fit twice in memory): each system is loaded, measured on every case
+    and closed before the next loads; the baseline's agreement is still measured against ours' outputs."""
+    from diffusion_engine.benchmarks import runner
+
+    events = []
+    real = runner.system_factories
+
+    def logged(settings, manifest):
+        def wrap(make):
+            def made(scheduler):
+                system = make(scheduler)
+                events.append(("load", system.name))
+                close = system.close
+                system.close = lambda: (events.append(("close", system.name)), close())
+                return system
+            return made
+        return [wrap(m) for m in real(settings, manifest)]
+
+    monkeypatch.setattr(runner, "system_factories", logged)
+    doc = runner.run_bench(runner.Settings(engine=tiny_engine, sizes=((256, 256), (256, 320)), mode="unet", runs=1,
+                                           warmup=0, baselines=("diffusers",), one_at_a_time=True))
+    assert events == [("load", "ours"), ("close", "ours"), ("load", "diffusers"), ("close", "diffusers")], events
+    errors = [case["systems"]["diffusers"]["agreement"]["rel_error"] for case in doc["cases"]]
+    print("one system at a time, diffusers' UNet against ours:", [f"{e:.2g}" for e in errors])
+    assert len(errors) == 2 and max(errors) < 1e-4
+    assert doc["settings"]["one_at_a_time"] and any("one system at a time" in n for n in doc["notes"])
