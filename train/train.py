@@ -219,6 +219,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if f.type in ("int", "float"):
             p.add_argument("--" + f.name.replace("_", "-"), type=int if f.type == "int" else float, default=f.default,
                            help=f"(default {f.default})")
+        elif f.type in ("tuple[int, ...]", "tuple[str, ...]"):  # e.g. --unet-channels 48 64 64
+            p.add_argument("--" + f.name.replace("_", "-"), type=int if "int" in f.type else str, nargs="+",
+                           default=f.default, help=f"(default {' '.join(map(str, f.default))})")
     return p.parse_args(argv)
 
 
@@ -226,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe) if hasattr(args, f.name)}
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
     train(Recipe(**overrides), args.out, overwrite=args.overwrite, vae_from=args.vae_from)
     return 0
 
