@@ -91,7 +91,8 @@ def atomic_directory(
 
     With overwrite, only an empty folder or one `replaceable` accepts (check_output_dir) is replaced.
     Debris of earlier writers to target that were killed is removed first (remove_stale).
-    The folder gets the permissions the umask gives (mkdtemp alone makes it 0700).
+    The folder and everything in it get the permissions the umask gives (mkdtemp alone makes it 0700;
+    libraries that write through mkstemp, as safetensors' save does, leave files 0600).
     """
     check_output_dir(target, overwrite, source, replaceable, what)
     target = Path(target).expanduser().resolve()
@@ -101,6 +102,7 @@ def atomic_directory(
     try:
         os.chmod(tmp, 0o777 & ~current_umask())
         yield tmp
+        umask_permissions(tmp)
         if target.exists():
             aside_temp = Path(tempfile.mkdtemp(prefix=_ours(target, OLD), dir=target.parent))
             os.replace(target, aside_temp / target.name)
@@ -111,6 +113,17 @@ def atomic_directory(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # our own temporary folder
         raise
+
+
+def umask_permissions(folder: Path) -> None:
+    """Give every folder and file under `folder` the permissions the umask gives (files keep execute bits)."""
+    umask = current_umask()
+    for path in folder.rglob("*"):
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode
+        wanted = 0o777 if path.is_dir() or mode & 0o111 else 0o666
+        os.chmod(path, wanted & ~umask)
 
 
 def _kind_prefix(target: Path, kind: str) -> str:

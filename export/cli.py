@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 import warnings
@@ -39,9 +40,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tiny-vae", metavar="PATH",
                    help="a diffusers AutoencoderTiny folder (TAESD for SD1.x/2.x, TAESDXL for SDXL): exported as a "
                         "second decoder, generate(decoder='tiny') / engine-run --tiny-vae")
+    p.add_argument("--default-guidance", type=float, metavar="G",
+                   help="the guidance scale requests get where they give none, recorded in the manifest "
+                        "(default: the model family's, e.g. 7.5 for SD1.x)")
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
+
+
+def check_default_guidance(value: float | None) -> None:
+    """--default-guidance: a finite number >= 0 (<= 1 turns guidance off by default)."""
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"--default-guidance must be a finite number >= 0, got {value}")
 
 
 def _quiet_libraries() -> None:
@@ -79,6 +89,7 @@ def export(args: argparse.Namespace) -> int:
     logging.getLogger("diffusion_engine").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:  # bad arguments fail here, before the heavy imports and any loading
         validate_build_ranges(args.min_size, args.max_size, args.max_batch)
+        check_default_guidance(args.default_guidance)
         kind = source_kind(args.model)
         check_engine_out(args.out, args.overwrite, args.model)
         if args.tiny_vae:
@@ -105,6 +116,7 @@ def _export(args: argparse.Namespace) -> int:
     options = ExportOptions(
         BuildRanges(args.min_size, args.max_size, args.max_batch), fp16=not args.no_fp16, overwrite=args.overwrite,
         family=args.family, fp16_vae=args.fp16_vae, tiny_vae=args.tiny_vae,
+        default_guidance=args.default_guidance,
     )
     start = time.perf_counter()
     names = stages(bool(args.tiny_vae))

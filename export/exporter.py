@@ -78,6 +78,7 @@ class ExportOptions:
     family: str | None = None
     fp16_vae: bool = False  # the VAE is an fp16-fix VAE: its GPU graph may be fp16 (SDXL)
     tiny_vae: str | None = None  # a diffusers AutoencoderTiny folder: exported as a second decoder
+    default_guidance: float | None = None  # the manifest's default guidance_scale (None: the family's)
 
 
 @dataclass(frozen=True)
@@ -138,18 +139,20 @@ def export_engine(
             family=ckpt.family, prediction_type=ckpt.prediction_type, dims=dims, build=options.ranges,
             scheduler_config=ckpt.scheduler_config, tokenizer=tokenizer, components=entries,
             source=source_record,
-            tool_versions=tool_versions(), defaults=generation_defaults(ckpt), tokenizer_2=tokenizer_2,
+            tool_versions=tool_versions(), defaults=generation_defaults(ckpt, options.default_guidance), tokenizer_2=tokenizer_2,
             force_zeros_for_empty_prompt=ckpt.force_zeros_for_empty_prompt, checksums=checksums(tmp),
         )
         write_atomic(tmp / MANIFEST, manifest.to_json())  # written last: its presence marks a complete export
     return manifest, reports
 
 
-def generation_defaults(ckpt: Checkpoint) -> dict:
-    """The family's defaults, with the checkpoint's own image size and scheduler where it has none."""
+def generation_defaults(ckpt: Checkpoint, guidance_scale: float | None = None) -> dict:
+    """The family's defaults, with the checkpoint's own image size and scheduler where it has none, and
+    `guidance_scale` where given (a model trained for another guidance than its family's usual one)."""
     d = FAMILY_DEFAULTS[ckpt.family]
     return {
-        "size": ckpt.native_size, "steps": d.steps, "guidance_scale": d.guidance_scale,
+        "size": ckpt.native_size, "steps": d.steps,
+        "guidance_scale": d.guidance_scale if guidance_scale is None else float(guidance_scale),
         "scheduler": d.scheduler or default_sampler(ckpt.scheduler_config), "steps_range": list(d.steps_range),
         "strength": d.strength,
     }

@@ -3,13 +3,14 @@
 `engine-run` without `--engine` uses it. The checkpoint ships in `diffusion_engine.train`
 (`train/demo-checkpoint/`); the first run exports it into
 `$DIFFUSION_ENGINE_CACHE/demo-<digest>` (default `~/.cache/diffusion-engine/demo-<digest>`, the
-digest being the checkpoint's sha256); later runs reuse that engine. The export needs torch, which
+digest being a sha256 of the checkpoint and the export settings); later runs reuse that engine. The export needs torch, which
 the runtime never imports, so it runs as a subprocess: `python -m diffusion_engine.export.cli`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import subprocess
@@ -31,6 +32,11 @@ DEFAULT_CACHE = "~/.cache/diffusion-engine"
 CHECKPOINT_PACKAGE, CHECKPOINT = "diffusion_engine.train", "demo-checkpoint"
 # Trained at 64x64 (the manifest's default size); the engine also takes up to 128, in steps of 16.
 MIN_SIZE, MAX_SIZE, MAX_BATCH = 64, 128, 4
+# Its default guidance: it draws the cleanest shapes at 1.5 to 2 (train/README.md, "The committed
+# checkpoint"); SD1.x's usual 7.5 over-saturates them.
+GUIDANCE = 2.0
+EXPORT_SETTINGS = (f"--min-size {MIN_SIZE} --max-size {MAX_SIZE} --max-batch {MAX_BATCH} "
+                   f"--default-guidance {GUIDANCE}")
 DESCRIPTION = (
     "a tiny model trained from scratch on 64x64 images of one shape, prompted as "
     "'a COLOR SHAPE on a COLOR background' (colours red, green, blue, yellow, white, black; "
@@ -78,16 +84,16 @@ def cache_root() -> Path:
 
 
 def engine_dir_for(checkpoint: Path) -> Path:
-    """<cache>/demo-<digest[:12]>: a changed checkpoint gets a new engine, never a stale one."""
-    return cache_root() / f"demo-{checkpoint_digest(checkpoint)[:12]}"
+    """<cache>/demo-<digest[:12]>, the digest of the checkpoint's and the export settings' (EXPORT_SETTINGS):
+    a changed checkpoint or setting gets a new engine, never a stale one."""
+    key = hashlib.sha256(f"{checkpoint_digest(checkpoint)} {EXPORT_SETTINGS}".encode()).hexdigest()
+    return cache_root() / f"demo-{key[:12]}"
 
 
 def export_command(checkpoint: Path, out: Path) -> list[str]:
-    """The export subprocess: this interpreter, the engine-export CLI, the demo's build ranges."""
-    return [
-        sys.executable, "-m", "diffusion_engine.export.cli", str(checkpoint), "--out", str(out),
-        "--min-size", str(MIN_SIZE), "--max-size", str(MAX_SIZE), "--max-batch", str(MAX_BATCH), "--overwrite",
-    ]
+    """The export subprocess: this interpreter, the engine-export CLI, the demo's build ranges and guidance."""
+    return [sys.executable, "-m", "diffusion_engine.export.cli", str(checkpoint), "--out", str(out),
+            *EXPORT_SETTINGS.split(), "--overwrite"]
 
 
 def ensure_engine(say: Say = lambda message: None) -> DemoModel:

@@ -21,7 +21,16 @@ from diffusion_engine.engine.manifest import MANIFEST, read_manifest
 from diffusion_engine.runtime import demo
 from diffusion_engine.runtime.cli import main as engine_run
 from diffusion_engine.runtime.pipeline import Pipeline
-from tests.quality import analyse, engine_agreement, evaluation_pairs, use_fp16_graphs
+from tests.quality import (
+    MIN_SHAPE_IOU,
+    analyse,
+    engine_agreement,
+    engine_shape_iou,
+    evaluation_pairs,
+    shape_iou_pairs,
+    summary,
+    use_fp16_graphs,
+)
 
 PROMPT = "a red circle on a blue background"
 PAIRS = evaluation_pairs(30)  # every colour as shape and as background, every shape
@@ -93,7 +102,8 @@ def test_first_run_exports_into_the_cache_and_generates(first_run, demo_engine):
     run, cache, image, _ = first_run
     assert "exporting the built-in demo model once into" in run.err
     assert "using the built-in demo model" in run.out
-    assert demo_engine == cache / f"demo-{demo.checkpoint_digest(demo.checkpoint_dir())[:12]}"
+    assert demo_engine.parent == cache and demo_engine.name == demo.engine_dir_for(demo.checkpoint_dir()).name
+    assert read_manifest(demo_engine).defaults["guidance_scale"] == demo.GUIDANCE  # the demo's, not sd1's 7.5
     assert Image.open(image).size == (64, 64)  # the trained resolution is the default
 
 
@@ -140,6 +150,14 @@ def test_images_show_what_the_prompt_asks_fp32(pipe):
     rate, misses, _ = engine_agreement(pipe, PAIRS)
     print(f"demo model, fp32 graphs: {rate:.1%} of {len(PAIRS)} images agree with their prompt")
     assert rate >= MIN_AGREEMENT, misses
+
+
+@pytest.mark.parametrize("shape", ["circle", "square"])
+def test_circles_are_round_and_squares_square(pipe, shape):
+    """The shapes are drawn cleanly: mean IoU with the ideal shape of their bounding box (train/README.md)."""
+    ious = engine_shape_iou(pipe, shape_iou_pairs(shape))
+    print(f"demo model, {shape} IoU with its ideal shape over {len(ious)} pairs: {summary(ious)}")
+    assert np.mean(ious) >= MIN_SHAPE_IOU, ious
 
 
 def test_images_show_what_the_prompt_asks_fp16_graphs(demo_engine):

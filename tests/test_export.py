@@ -165,6 +165,8 @@ def test_nan_fp16_graph_fails_export_and_leaves_nothing(tiny_checkpoint, tmp_pat
         (["--min-size", "512", "--max-size", "256"], "min-size 512 is larger than max-size 256"),
         (["--max-batch", "0"], "max-batch 0 must be at least 1"),
         (["--min-size", "264"], "min-size 264 must be a multiple of 16 for this model"),
+        (["--default-guidance", "-1"], "--default-guidance must be a finite number >= 0, got -1.0"),
+        (["--default-guidance", "nan"], "--default-guidance must be a finite number >= 0, got nan"),
     ],
 )
 def test_cli_rejects_bad_ranges(tiny_checkpoint, tmp_path, capsys, args, message):

@@ -119,6 +119,23 @@ def test_written_files_honour_the_umask(tmp_path, umask):
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_files_a_library_wrote_0600_honour_the_umask(tmp_path, umask):
+    """safetensors' save (under diffusers' and transformers' save_pretrained) leaves its files 0600."""
+    old = os.umask(umask)
+    try:
+        with atomic_directory(tmp_path / "checkpoint") as tmp:
+            (tmp / "unet").mkdir()
+            fd, name = tempfile.mkstemp(dir=tmp / "unet")  # 0600, whatever the umask
+            os.close(fd)
+            os.replace(name, tmp / "unet" / "weights.safetensors")
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "checkpoint").rglob("*")}
+    finally:
+        os.umask(old)
+    print(f"umask {umask:03o}: {', '.join(f'{k} {v:03o}' for k, v in sorted(modes.items()))}")
+    assert modes == {"unet": 0o777 & ~umask, "weights.safetensors": 0o666 & ~umask}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_external_weights_file_honours_the_umask(tmp_path, monkeypatch, umask):
     """Graphs above the external-data size keep their weights in <name>.data, which onnx creates 0600."""
     import numpy as np

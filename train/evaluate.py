@@ -34,12 +34,12 @@ def load_quality() -> ModuleType:
 
 
 def export(checkpoint: Path, out: Path) -> Path:
-    """Export with the same ranges as the built-in demo model."""
+    """Export with the same ranges and default guidance as the built-in demo model."""
     from diffusion_engine.engine.specs import BuildRanges
     from diffusion_engine.export.exporter import ExportOptions, export_engine
-    from diffusion_engine.runtime.demo import MAX_BATCH, MAX_SIZE, MIN_SIZE
+    from diffusion_engine.runtime.demo import GUIDANCE, MAX_BATCH, MAX_SIZE, MIN_SIZE
 
-    export_engine(str(checkpoint), out, ExportOptions(BuildRanges(MIN_SIZE, MAX_SIZE, MAX_BATCH)))
+    export_engine(str(checkpoint), out, ExportOptions(BuildRanges(MIN_SIZE, MAX_SIZE, MAX_BATCH), default_guidance=GUIDANCE))
     return out
 
 

@@ -33,7 +33,7 @@ class Recipe:
     text_layers: int = 2
     text_heads: int = 4
     # UNet: three levels (16x16, 8x8, 4x4 latents); attention only below 16x16, where it is cheap.
-    unet_channels: tuple[int, ...] = (32, 64, 64)
+    unet_channels: tuple[int, ...] = (48, 64, 64)
     unet_blocks: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
     unet_layers: int = 1
     unet_groups: int = 8  # few groups: GroupNorm keeps more of a flat field's level (the background colour)
