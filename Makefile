@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt torch==2.13.0
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[export,test,bench]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[export,test,bench,serve]"
 	for w in $(TRT_API_WHEELS); do $(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: \
 		--platform manylinux_2_28_x86_64 --python-version 3.11 -d $(API_WHEELS) $$w \
 		|| echo "warning: $$w could not be downloaded: tests/test_gpu_api.py skips its checks"; done

@@ -17,6 +17,7 @@ from diffusion_engine.engine.manifest import ManifestError
 from diffusion_engine.engine.specs import FAMILY_DEFAULTS, REFINER_FAMILY
 from diffusion_engine.runtime import demo
 from diffusion_engine.runtime.backends import BACKENDS
+from diffusion_engine.runtime.infotext import infotext, model_identity
 from diffusion_engine.runtime.pipeline import (
     AESTHETIC_SCORE,
     NEGATIVE_AESTHETIC_SCORE,
@@ -25,8 +26,9 @@ from diffusion_engine.runtime.pipeline import (
     Pipeline,
 )
 from diffusion_engine.runtime.request import DEFAULT_STRENGTH, INPAINT_STRENGTH, RESIZE_MODES
-from diffusion_engine.runtime.session import BackendUnavailable
 from diffusion_engine.runtime.samplers import SAMPLERS
+from diffusion_engine.runtime.serve.codec import PARAMETERS_CHUNK
+from diffusion_engine.runtime.session import BackendUnavailable
 
 
 DEMO_HELP = (
@@ -94,12 +96,24 @@ def output_paths(out: str, n: int) -> list[Path]:
     return paths
 
 
-def save_png(result: GenerationResult, index: int, path: Path) -> None:
-    """Write one image with its generation parameters in a PNG text chunk named 'parameters'."""
+def save_png(result: GenerationResult, index: int, path: Path, model: tuple[str | None, str | None] = (None, None)) -> None:
+    """Write one image with A1111's `parameters` text (what its PNG Info tab reads) and our parameters as JSON
+    (chunk 'diffusion-engine'); `model`: (name, short hash) as model_identity gives them."""
     info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", json.dumps({**result.parameters, "index": index}))
+    info.add_text("parameters", png_infotext(result, index, model))
+    info.add_text(PARAMETERS_CHUNK, json.dumps({**result.parameters, "index": index}))
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, writer=lambda tmp: result.images[index].save(tmp, format="PNG", pnginfo=info))
+
+
+def png_infotext(result: GenerationResult, index: int, model: tuple[str | None, str | None] = (None, None)) -> str:
+    """Image `index`'s A1111 infotext: its own prompt and negative prompt (of a list, the one it was made from)."""
+    p = dict(result.parameters)
+    per_prompt = len(result.images) // len(p["prompt"]) if isinstance(p["prompt"], list) else None
+    for key in ("prompt", "negative_prompt"):
+        if isinstance(p.get(key), list):
+            p[key] = p[key][index // per_prompt]
+    return infotext(p, *model)
 
 
 def demo_engine() -> Path:
@@ -139,9 +153,10 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, ManifestError, demo.DemoError, BackendUnavailable) as exc:
         print(f"engine-run: error: {exc}", file=sys.stderr)
         return 2
+    model = model_identity(pipe.manifest.source)
     for i, path in enumerate(paths):
         try:
-            save_png(result, i, path)
+            save_png(result, i, path, model)
         except OSError as exc:  # checked before generating; a full disk or a folder removed since shows here
             print(f"engine-run: error: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
             return 1

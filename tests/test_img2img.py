@@ -160,10 +160,10 @@ def test_engine_run_image_and_strength(tiny_engine, tmp_path, capsys):
             "--steps", "4", "--seed", "1", "--out", str(tmp_path / "out.png")]
     assert main(args) == 0
     with Image.open(tmp_path / "out.png") as out:
-        params = json.loads(out.text["parameters"])
+        params = json.loads(out.text["diffusion-engine"])
         assert out.size == (SIZE[1], SIZE[0])
     print(capsys.readouterr().out.strip().splitlines()[-2])
     assert (params["strength"], params["height"], params["width"]) == (0.5, *SIZE)
     assert main(args[:-2] + ["--width", "256", "--resize-mode", "crop-and-resize", "--out", str(tmp_path / "c.png")]) == 0
     with Image.open(tmp_path / "c.png") as out:
-        assert out.size == (256, SIZE[0]) and json.loads(out.text["parameters"])["resize_mode"] == "crop-and-resize"
+        assert out.size == (256, SIZE[0]) and json.loads(out.text["diffusion-engine"])["resize_mode"] == "crop-and-resize"

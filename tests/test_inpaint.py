@@ -215,6 +215,6 @@ def test_engine_run_mask(tiny_engine, tmp_path):
             str(tmp_path / "mask.png"), "--steps", "3", "--seed", "1", "--out", str(tmp_path / "out.png")]
     assert main(args) == 0
     with Image.open(tmp_path / "out.png") as out:
-        params = json.loads(out.text["parameters"])
+        params = json.loads(out.text["diffusion-engine"])
     assert (params["strength"], params["inpainting"]) == (1.0, "masked blend")
     assert main(args[:2] + ["--prompt", PROMPT, "--mask", str(tmp_path / "mask.png"), "--out", str(tmp_path / "x.png")]) == 2

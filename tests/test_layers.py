@@ -31,6 +31,10 @@ STDLIB = frozenset(sys.stdlib_module_names)
 CONTRACT_EXTERNAL = STDLIB | {"numpy"}
 # Base dependencies (pyproject): numpy, onnxruntime, tokenizers, pillow, tqdm (engine-run's progress bar).
 RUNTIME_EXTERNAL = CONTRACT_EXTERNAL | {"onnxruntime", "tokenizers", "PIL", "tqdm"}
+# The HTTP app and its server (the [serve] extra): only these runtime modules; the queue, the A1111
+# translation and the image codec stay on the base dependencies (a Triton backend or Ray replica reuses them).
+RUNTIME_SERVE = ("runtime.serve.app", "runtime.serve.cli")
+SERVE_EXTERNAL = frozenset({"fastapi", "starlette", "uvicorn", "prometheus_client"})
 NEVER_IN_RUNTIME = ("torch", "diffusers", "transformers", "onnx", "onnxscript", "onnx_graphsurgeon", "polygraphy",
                     "safetensors", "accelerate")
 # The builders: onnx, polygraphy and the [trt] extra (tensorrt, and cuda-python for engine-build's own
@@ -142,7 +146,7 @@ def test_runtime_imports_no_torch_diffusers_onnx_builders_or_export():
     assert not RUNTIME_EXTERNAL & set(NEVER_IN_RUNTIME)
     check("runtime", lambda m: layer(m) == "runtime",
           lambda i: layer(i.target) not in ("contract", "runtime") if i.internal
-          else i.target not in RUNTIME_EXTERNAL | set(GPU_BINDINGS))
+          else i.target not in RUNTIME_EXTERNAL | set(GPU_BINDINGS) | (SERVE_EXTERNAL if i.module in RUNTIME_SERVE else set()))
 
 
 def test_tensorrt_and_cuda_only_in_the_runtime_gpu_modules():

@@ -22,7 +22,7 @@ from diffusers import (
 )
 from PIL import Image
 
-from diffusion_engine.engine.manifest import ManifestError
+from diffusion_engine.engine.manifest import ManifestError, read_manifest
 from diffusion_engine.runtime.pipeline import Pipeline
 from diffusion_engine.runtime.samplers import SAMPLERS, STOCHASTIC, make_plan
 
@@ -220,10 +220,15 @@ def test_engine_run_writes_png_with_parameters(tiny_engine, tmp_path, capsys):
             "euler", "--seed", "5", "--height", "256", "--width", "320", "--out", str(out)]
     assert main(args) == 0
     image = Image.open(out)
-    params = json.loads(image.text["parameters"])
+    params = json.loads(image.text["diffusion-engine"])
     assert image.size == (320, 256)
     assert params | {"prompt": PROMPT, "steps": 2, "guidance_scale": 6.0, "scheduler": "euler", "seed": 5,
                      "height": 256, "width": 320} == params
+    # A1111's PNG Info text: what its UI and image sites read back.
+    name = read_manifest(tiny_engine).source["checkpoint"].rstrip("/").rsplit("/", 1)[-1]
+    text = image.text["parameters"]
+    assert text.startswith(f"{PROMPT}\nSteps: 2, Sampler: Euler, CFG scale: 6.0, Seed: 5, Size: 320x256, Model hash: ")
+    assert text.endswith(f", Model: {name}") and "Negative prompt" not in text
     assert "unet_per_step" in capsys.readouterr().out
     assert main(args[:-2] + ["--out", str(tmp_path / "b.png"), "--batch", "2"]) == 0
     assert (tmp_path / "b-0.png").is_file() and (tmp_path / "b-1.png").is_file()

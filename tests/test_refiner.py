@@ -247,7 +247,7 @@ def test_engine_run_refiner(engines, tmp_path, capsys):
             "--prompt", PROMPT, "--steps", "5", "--seed", "4", "--height", "256", "--width", "256", "--out", str(out)]
     assert main(args) == 0
     with Image.open(out) as image:
-        params = json.loads(image.text["parameters"])
+        params = json.loads(image.text["diffusion-engine"])
         assert image.size == (256, 256)
     assert params["refiner_start"] == 0.7 and params["refiner_family"] == "sdxl-refiner"
     print(capsys.readouterr().out.strip().splitlines()[-1])

@@ -129,7 +129,7 @@ def test_engine_run_tiny_vae(tiny_engine, engine_without_tiny, tmp_path, capsys)
     args = ["--prompt", PROMPT, "--steps", "2", "--scheduler", "euler", "--seed", "5", "--height", "256",
             "--width", "256", "--tiny-vae", "--out", str(out)]
     assert main(["--engine", str(tiny_engine)] + args) == 0
-    params = json.loads(Image.open(out).text["parameters"])
+    params = json.loads(Image.open(out).text["diffusion-engine"])
     assert params["decoder"] == "tiny" and "tiny decoder" in capsys.readouterr().out
     with Pipeline.load(tiny_engine) as p:  # the PNG holds what generate(decoder="tiny") makes
         again = p.generate(PROMPT, steps=2, scheduler="euler", seed=5, height=256, width=256, decoder="tiny")
