@@ -17,7 +17,7 @@ from diffusion_engine.engine.manifest import ManifestError
 from diffusion_engine.engine.specs import FAMILY_DEFAULTS, REFINER_FAMILY
 from diffusion_engine.runtime import demo
 from diffusion_engine.runtime.backends import BACKENDS
-from diffusion_engine.runtime.infotext import infotext, model_identity
+from diffusion_engine.runtime.infotext import infotext, model_identity, per_image
 from diffusion_engine.runtime.pipeline import (
     AESTHETIC_SCORE,
     NEGATIVE_AESTHETIC_SCORE,
@@ -100,20 +100,11 @@ def save_png(result: GenerationResult, index: int, path: Path, model: tuple[str 
     """Write one image with A1111's `parameters` text (what its PNG Info tab reads) and our parameters as JSON
     (chunk 'diffusion-engine'); `model`: (name, short hash) as model_identity gives them."""
     info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", png_infotext(result, index, model))
+    image = per_image(result.parameters, len(result.images))[index]
+    info.add_text("parameters", infotext(image, *model))
     info.add_text(PARAMETERS_CHUNK, json.dumps({**result.parameters, "index": index}))
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, writer=lambda tmp: result.images[index].save(tmp, format="PNG", pnginfo=info))
-
-
-def png_infotext(result: GenerationResult, index: int, model: tuple[str | None, str | None] = (None, None)) -> str:
-    """Image `index`'s A1111 infotext: its own prompt and negative prompt (of a list, the one it was made from)."""
-    p = dict(result.parameters)
-    per_prompt = len(result.images) // len(p["prompt"]) if isinstance(p["prompt"], list) else None
-    for key in ("prompt", "negative_prompt"):
-        if isinstance(p.get(key), list):
-            p[key] = p[key][index // per_prompt]
-    return infotext(p, *model)
 
 
 def demo_engine() -> Path:

@@ -81,6 +81,17 @@ def infotext(parameters: Mapping[str, Any], model: str | None = None, model_hash
     return "\n".join(lines)
 
 
+def per_image(parameters: Mapping[str, Any], images: int) -> list[dict[str, Any]]:
+    """Each image's own parameters of a result's (`images` images, prompt-major): its prompt and negative
+    prompt of a list, its index."""
+    prompts = parameters["prompt"] if isinstance(parameters["prompt"], list) else [parameters["prompt"]]
+    negatives = parameters["negative_prompt"]
+    negatives = negatives if isinstance(negatives, list) else [negatives] * len(prompts)
+    per = images // len(prompts)
+    return [{**parameters, "prompt": prompts[i // per], "negative_prompt": negatives[i // per], "index": i}
+            for i in range(images)]
+
+
 def _value(v: Any) -> str:
     """A field value as A1111 writes it: text with a comma, colon or quote quoted (JSON-style)."""
     text = str(v)

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from diffusion_engine.engine.specs import DECODERS
-from diffusion_engine.runtime.infotext import infotext, model_identity
+from diffusion_engine.runtime.infotext import infotext, model_identity, per_image
 from diffusion_engine.runtime.pipeline import GenerationResult, Pipeline
 from diffusion_engine.runtime.request import GenerationRequest
 from diffusion_engine.runtime.samplers import SAMPLERS
@@ -185,10 +185,10 @@ def create_app(pipe: Pipeline, config: ServeConfig = ServeConfig()) -> FastAPI:
                                                 "one; ask for application/json")
             png = png_bytes(result.images[0], texts[0], json.dumps(result.parameters))
             return Response(png, media_type="image/png", headers={"X-Seed": str(result.seed)})
-        per_image = _per_image(result)
+        images = per_image(result.parameters, len(result.images))
         return JSONResponse({
-            "images": [b64(png_bytes(im, t, json.dumps(p))) for im, t, p in zip(result.images, texts, per_image)],
-            "parameters": per_image, "infotexts": texts, "seed": result.seed, "timings": result.timings,
+            "images": [b64(png_bytes(im, t, json.dumps(p))) for im, t, p in zip(result.images, texts, images)],
+            "parameters": images, "infotexts": texts, "seed": result.seed, "timings": result.timings,
         })
 
     @app.get("/v1/health")
@@ -453,15 +453,5 @@ def _error(exc: HTTPError) -> JSONResponse:
     return JSONResponse({"error": exc.kind, "detail": exc.detail}, status_code=exc.status, headers=exc.headers)
 
 
-def _per_image(result: GenerationResult) -> list[dict[str, Any]]:
-    """Each image's own parameters: its prompt of a list, its index."""
-    p = result.parameters
-    n = len(result.images)
-    prompts = p["prompt"] if isinstance(p["prompt"], list) else [p["prompt"]]
-    negatives = p["negative_prompt"] if isinstance(p["negative_prompt"], list) else [p["negative_prompt"]]
-    per = n // len(prompts)
-    return [{**p, "prompt": prompts[i // per], "negative_prompt": negatives[i // per], "index": i} for i in range(n)]
-
-
 def _infotexts(result: GenerationResult, model: a1111.Model) -> list[str]:
-    return [infotext(p, model.name, model.short_hash) for p in _per_image(result)]
+    return [infotext(p, model.name, model.short_hash) for p in per_image(result.parameters, len(result.images))]
