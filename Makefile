@@ -14,6 +14,10 @@ API_WHEELS := $(VENV)/api-wheels
 TRT_API_WHEELS := tensorrt-cu12-bindings==11.4.0.106 tensorrt-cu12-bindings==10.16.1.11
 CUDA_API_WHEELS := cuda-bindings==12.9.10
 
+# tritonserver for tests/test_triton.py: the binary, python backend and stubs in the nvidia-pytriton wheel (CPU-capable).
+# Installed without dependencies: pytriton's own Python side (which pins numpy < 2) is never imported.
+PYTRITON := nvidia-pytriton==0.7.0
+
 .PHONY: install demo test test-slow test-gpu gpu-check clean
 
 install: $(VENV)/.installed
@@ -22,7 +26,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt torch==2.13.0
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[export,test,bench,serve]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[export,test,bench,serve,triton]"
+	$(BIN)/python -m pip install --quiet --no-deps $(PYTRITON) \
+		|| echo "warning: $(PYTRITON) could not be installed: tests/test_triton.py skips its tritonserver test"
 	for w in $(TRT_API_WHEELS); do $(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: \
 		--platform manylinux_2_28_x86_64 --python-version 3.11 -d $(API_WHEELS) $$w \
 		|| echo "warning: $$w could not be downloaded: tests/test_gpu_api.py skips its checks"; done

@@ -33,8 +33,10 @@ CONTRACT_EXTERNAL = STDLIB | {"numpy"}
 RUNTIME_EXTERNAL = CONTRACT_EXTERNAL | {"onnxruntime", "tokenizers", "PIL", "tqdm"}
 # The HTTP app and its server (the [serve] extra): only these runtime modules; the queue, the A1111
 # translation and the image codec stay on the base dependencies (a Triton backend or Ray replica reuses them).
-RUNTIME_SERVE = ("runtime.serve.app", "runtime.serve.cli")
+# The Triton model file imports Triton's python-backend module, which exists only inside tritonserver.
 SERVE_EXTERNAL = frozenset({"fastapi", "starlette", "uvicorn", "prometheus_client"})
+RUNTIME_EXTRAS = {"runtime.serve.app": SERVE_EXTERNAL, "runtime.serve.cli": SERVE_EXTERNAL,
+                  "runtime.serve.triton_model": frozenset({"triton_python_backend_utils"})}
 NEVER_IN_RUNTIME = ("torch", "diffusers", "transformers", "onnx", "onnxscript", "onnx_graphsurgeon", "polygraphy",
                     "safetensors", "accelerate")
 # The builders: onnx, polygraphy and the [trt] extra (tensorrt, and cuda-python for engine-build's own
@@ -135,6 +137,7 @@ def test_every_engine_module_is_contract_or_build():
     assert [m for m in engine if layer(m) == "unclassified"] == [], "name each new engine module in CONTRACT or BUILD"
     assert set(CONTRACT + BUILD) <= set(engine), "CONTRACT / BUILD name a module that does not exist"
     assert set(RUNTIME_GPU) <= set(modules()), "RUNTIME_GPU names a module that does not exist"
+    assert set(RUNTIME_EXTRAS) <= set(modules()), "RUNTIME_EXTRAS names a module that does not exist"
 
 
 def test_contract_imports_only_stdlib_numpy_and_the_contract():
@@ -146,7 +149,7 @@ def test_runtime_imports_no_torch_diffusers_onnx_builders_or_export():
     assert not RUNTIME_EXTERNAL & set(NEVER_IN_RUNTIME)
     check("runtime", lambda m: layer(m) == "runtime",
           lambda i: layer(i.target) not in ("contract", "runtime") if i.internal
-          else i.target not in RUNTIME_EXTERNAL | set(GPU_BINDINGS) | (SERVE_EXTERNAL if i.module in RUNTIME_SERVE else set()))
+          else i.target not in RUNTIME_EXTERNAL | set(GPU_BINDINGS) | RUNTIME_EXTRAS.get(i.module, frozenset()))
 
 
 def test_tensorrt_and_cuda_only_in_the_runtime_gpu_modules():

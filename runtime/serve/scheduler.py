@@ -233,24 +233,29 @@ class Scheduler:
                 t.future.set_result(result)
 
     def _generate(self, batch: list[Ticket], progress: Callable[[int, int], None]) -> list[GenerationResult]:
-        """One request as itself (with the seed prepare drew), or a batch as one generate split per request."""
-        if len(batch) == 1:
-            t = batch[0]
-            request = t.request if t.request.latents is not None else replace(t.request, seed=t.job.seed)
-            return [self.pipe.run(request, progress)]
-        jobs = [t.job for t in batch]
-        first = jobs[0]
-        combined = replace(
-            first.request, prompt=[j.prompts[0] for j in jobs], negative_prompt=[j.negatives[0] for j in jobs],
-            latents=np.concatenate([j.noise for j in jobs]), seed=None, steps=first.steps,
-            guidance_scale=first.guidance_scale, scheduler=first.scheduler, height=first.height, width=first.width)
-        try:
-            out = self.pipe.run(combined, progress)
-        except ValueError:  # the engine refuses the larger batch (its memory check): each request alone
-            return [self._generate([t], progress)[0] for t in batch]
-        timings = {**out.timings, "batch": float(len(batch))}
-        return [GenerationResult([out.images[i]], out.array[i : i + 1], j.seed, timings, j.parameters())
-                for i, j in enumerate(jobs)]
+        return run_together(self.pipe, [t.job for t in batch], progress)
+
+
+def run_together(pipe: Pipeline, jobs: list[Job], progress: Callable[[int, int], None] | None = None
+                 ) -> list[GenerationResult]:
+    """Prepared jobs' results: one job as itself (with the seed prepare drew); jobs of one batch_key as one
+    generate of their prompts and seeded noise, split per job (each alone where the engine refuses the batch)."""
+    if len(jobs) == 1:
+        job = jobs[0]
+        request = job.request if job.request.latents is not None else replace(job.request, seed=job.seed)
+        return [pipe.run(request, progress)]
+    first = jobs[0]
+    combined = replace(
+        first.request, prompt=[j.prompts[0] for j in jobs], negative_prompt=[j.negatives[0] for j in jobs],
+        latents=np.concatenate([j.noise for j in jobs]), seed=None, steps=first.steps,
+        guidance_scale=first.guidance_scale, scheduler=first.scheduler, height=first.height, width=first.width)
+    try:
+        out = pipe.run(combined, progress)
+    except ValueError:  # the engine refuses the larger batch (its memory check): each request alone
+        return [run_together(pipe, [j], progress)[0] for j in jobs]
+    timings = {**out.timings, "batch": float(len(jobs))}
+    return [GenerationResult([out.images[i]], out.array[i : i + 1], j.seed, timings, j.parameters())
+            for i, j in enumerate(jobs)]
 
 
 def _fail(ticket: Ticket, exc: BaseException) -> None:
